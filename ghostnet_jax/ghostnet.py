@@ -1,0 +1,254 @@
+"""GhostNet (C-GhostNet): "GhostNet: More Features from Cheap Operations".
+
+Han et al., CVPR 2020; the CPU-side half of "GhostNets on Heterogeneous Devices
+via Cheap Operations", IJCV 2022.
+
+A Ghost module makes ``ceil(out / s)`` intrinsic feature maps with an ordinary
+1x1 convolution and derives the other ``(s - 1) / s`` with a cheap ``d x d``
+depthwise convolution of them; a Ghost bottleneck is two Ghost modules
+(expansion with ReLU, projection without) around an optional strided depthwise
+convolution and squeeze-excite, plus a shortcut.
+
+Module and parameter names follow the official PyTorch code
+(``blocks.6.3.ghost1.primary_conv.0.weight`` is
+``params['blocks_6_3']['ghost1']['primary_conv_0']['kernel']``), so
+:mod:`ghostnet_jax.convert` maps checkpoints by a fixed rule.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ghostnet_jax.layers import (BatchNorm, Conv2d, ConvBnAct, Linear,
+                                 ModuleDef, SqueezeExcite, check_images,
+                                 make_divisible, sow_feature)
+from ghostnet_jax.registry import register_model
+
+# (dw kernel k, expansion channels, output channels, SE ratio, stride) per
+# block; each inner tuple is one official ``blocks.{i}`` Sequential. The
+# paper's Table 1.
+GHOSTNET_BLOCKS: tuple[tuple[tuple[int, int, int, float, int], ...], ...] = (
+    ((3, 16, 16, 0.0, 1),),
+    ((3, 48, 24, 0.0, 2),),
+    ((3, 72, 24, 0.0, 1),),
+    ((5, 72, 40, 0.25, 2),),
+    ((5, 120, 40, 0.25, 1),),
+    ((3, 240, 80, 0.0, 2),),
+    ((3, 200, 80, 0.0, 1), (3, 184, 80, 0.0, 1), (3, 184, 80, 0.0, 1),
+     (3, 480, 112, 0.25, 1), (3, 672, 112, 0.25, 1)),
+    ((5, 672, 160, 0.25, 2),),
+    ((5, 960, 160, 0.0, 1), (5, 960, 160, 0.25, 1), (5, 960, 160, 0.0, 1),
+     (5, 960, 160, 0.25, 1)),
+)
+STEM_CHANNELS = 16
+LAST_CHANNELS = 960
+HEAD_CHANNELS = 1280
+
+
+class GhostModule(nn.Module):
+  """The Ghost module: intrinsic maps by a 1x1 conv, ghosts by a cheap op.
+
+  ``(N, H, W, Cin) -> (N, H, W, out_features)``::
+
+    primary = ReLU(BN(Conv1x1(x)))              # ceil(out / ratio) channels
+    cheap   = ReLU(BN(DWConv_dxd(primary)))     # (ratio - 1) x as many
+    out     = concat([primary, cheap])[..., :out_features]
+
+  Attributes:
+    out_features: output channels.
+    ratio: ``s`` in the paper, the share of intrinsic maps is ``1 / s``.
+    dw_size: ``d``, kernel size of the cheap depthwise convolution.
+    relu: apply ReLU to both branches (True in ``ghost1``, False in
+      ``ghost2``).
+    conv: convolution factory; norm: BatchNorm factory.
+  """
+  out_features: int
+  ratio: int = 2
+  dw_size: int = 3
+  relu: bool = True
+  conv: ModuleDef = Conv2d
+  norm: ModuleDef = BatchNorm
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    init_channels = math.ceil(self.out_features / self.ratio)
+    new_channels = init_channels * (self.ratio - 1)
+    act = nn.relu if self.relu else (lambda y: y)
+
+    primary = self.conv(init_channels, 1, name='primary_conv_0')(x)
+    primary = act(self.norm(name='primary_conv_1')(primary, train))
+    cheap = self.conv(new_channels, self.dw_size, groups=init_channels,
+                      name='cheap_operation_0')(primary)
+    cheap = act(self.norm(name='cheap_operation_1')(cheap, train))
+    out = jnp.concatenate([primary, cheap], axis=-1)
+    return out[..., :self.out_features]
+
+
+class GhostBottleneck(nn.Module):
+  """Ghost bottleneck (paper Fig. 3).
+
+  ``(N, H, W, Cin) -> (N, H / stride, W / stride, out_features)``::
+
+    y = ghost1(x)                                   # expand to mid, ReLU
+    y = BN(DWConv_kxk/stride(y))  if stride > 1     # conv_dw, bn_dw; no ReLU
+    y = SE(y)                     if se_ratio > 0
+    y = ghost2(y)                                   # project to out, no ReLU
+    return y + shortcut(x)                          # no activation after add
+
+  The shortcut is the identity when ``Cin == out_features`` and stride is 1,
+  otherwise DWConv_kxk/stride -> BN -> Conv1x1 -> BN (``shortcut.0..3``).
+
+  Attributes:
+    mid_features: expansion channels.
+    out_features: output channels.
+    dw_kernel_size: kernel of the strided depthwise conv and the shortcut.
+    stride: 1 or 2.
+    se_ratio: squeeze-excite ratio on the mid channels (0 disables).
+    ghost1: factory of the expansion module (``GhostModule``; GhostNetV2
+      passes its attention module here).
+    conv, norm: layer factories.
+  """
+  mid_features: int
+  out_features: int
+  dw_kernel_size: int = 3
+  stride: int = 1
+  se_ratio: float = 0.0
+  ghost1: ModuleDef = GhostModule
+  conv: ModuleDef = Conv2d
+  norm: ModuleDef = BatchNorm
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    in_features = x.shape[-1]
+    k, s = self.dw_kernel_size, self.stride
+
+    y = self.ghost1(self.mid_features, relu=True, conv=self.conv,
+                    norm=self.norm, name='ghost1')(x, train)
+    if s > 1:
+      y = self.conv(self.mid_features, k, strides=s, groups=self.mid_features,
+                    name='conv_dw')(y)
+      y = self.norm(name='bn_dw')(y, train)
+    if self.se_ratio > 0:
+      rd = make_divisible(self.mid_features * self.se_ratio, 4)
+      y = SqueezeExcite(rd, conv=self.conv, name='se')(y)
+    y = GhostModule(self.out_features, relu=False, conv=self.conv,
+                    norm=self.norm, name='ghost2')(y, train)
+
+    if in_features == self.out_features and s == 1:
+      shortcut = x
+    else:
+      shortcut = self.conv(in_features, k, strides=s, groups=in_features,
+                           name='shortcut_0')(x)
+      shortcut = self.norm(name='shortcut_1')(shortcut, train)
+      shortcut = self.conv(self.out_features, 1, name='shortcut_2')(shortcut)
+      shortcut = self.norm(name='shortcut_3')(shortcut, train)
+    return y + shortcut
+
+
+class GhostNet(nn.Module):
+  """GhostNet for any width multiplier.
+
+  ``(N, H, W, 3) -> (N, num_classes)`` (``(N, 1280)`` if ``num_classes`` is 0).
+  Stem Conv3x3/2 -> 16 Ghost bottlenecks (``GHOSTNET_BLOCKS``) -> 1x1
+  ConvBnAct -> global average pool -> ``conv_head`` 1x1 (bias) -> ReLU ->
+  dropout -> ``classifier``. Output stride 32.
+
+  Feature maps at strides 2, 4, 8, 16, 32 and the pre-logits vector are
+  recorded as ``stride_2`` ... ``stride_32``, ``pre_logits`` in the
+  ``'intermediates'`` collection; see :func:`ghostnet_jax.extract_features`.
+
+  Attributes:
+    width: channel multiplier (0.5, 1.0, 1.3, ...); rounded with divisor 4.
+    num_classes: classifier outputs; 0 drops the classifier.
+    dropout: dropout rate before the classifier (training only).
+    in_chans: input channels.
+    blocks: the block table.
+    dtype: computation dtype; parameters stay float32.
+    conv_impl: convolution lowering (``'auto'``, ``'lax'``, ``'xla'``,
+      ``'ffi'``; see :mod:`ghostnet_jax.ops`).
+    bn_batch_groups: BatchNorm groups in training (1 = global statistics).
+  """
+  width: float = 1.0
+  num_classes: int = 1000
+  dropout: float = 0.2
+  in_chans: int = 3
+  blocks: Sequence[Sequence[tuple[int, int, int, float, int]]] = GHOSTNET_BLOCKS
+  dtype: Any = jnp.float32
+  conv_impl: str = 'auto'
+  bn_batch_groups: int = 1
+
+  def layer_factories(self) -> tuple[ModuleDef, ModuleDef]:
+    conv = functools.partial(Conv2d, dtype=self.dtype, impl=self.conv_impl)
+    norm = functools.partial(BatchNorm, dtype=self.dtype,
+                             batch_groups=self.bn_batch_groups)
+    return conv, norm
+
+  def make_block(self, layer_id: int, mid: int, out: int, k: int, stride: int,
+                 se_ratio: float, name: str) -> nn.Module:
+    """Builds block number ``layer_id`` (0-based over the whole network)."""
+    del layer_id  # GhostNet v1 uses the same block everywhere.
+    conv, norm = self.layer_factories()
+    return GhostBottleneck(mid, out, dw_kernel_size=k, stride=stride,
+                           se_ratio=se_ratio, conv=conv, norm=norm, name=name)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    check_images(x, self.in_chans, model=type(self).__name__)
+    conv, norm = self.layer_factories()
+    w = self.width
+
+    x = conv(make_divisible(STEM_CHANNELS * w, 4), 3, strides=2,
+             name='conv_stem')(x)
+    x = nn.relu(norm(name='bn1')(x, train))
+
+    stride, layer_id = 2, 0
+    for i, stage in enumerate(self.blocks):
+      for j, (k, exp, c, se_ratio, s) in enumerate(stage):
+        if s > 1:
+          sow_feature(self, f'stride_{stride}', x)
+          stride *= s
+        x = self.make_block(layer_id, make_divisible(exp * w, 4),
+                            make_divisible(c * w, 4), k, s, se_ratio,
+                            name=f'blocks_{i}_{j}')(x, train)
+        layer_id += 1
+    x = ConvBnAct(make_divisible(LAST_CHANNELS * w, 4), conv=conv, norm=norm,
+                  name=f'blocks_{len(self.blocks)}_0')(x, train)
+    sow_feature(self, f'stride_{stride}', x)
+
+    x = x.astype(jnp.float32).mean((1, 2), keepdims=True)
+    x = conv(HEAD_CHANNELS, 1, use_bias=True, name='conv_head')(x)
+    x = nn.relu(x).reshape(x.shape[0], -1)
+    sow_feature(self, 'pre_logits', x)
+    if self.num_classes == 0:
+      return x
+    x = nn.Dropout(self.dropout)(x, deterministic=not train)
+    return Linear(self.num_classes, dtype=self.dtype,
+                  name='classifier')(x).astype(jnp.float32)
+
+
+def _register_width(name: str, width: float, paper_top1: float | None,
+                    weights: str | None, notes: str = ''):
+  @register_model(name, family='ghostnet', paper_top1=paper_top1,
+                  weights=weights, notes=notes)
+  def builder(**kwargs) -> GhostNet:
+    return GhostNet(width=width, **kwargs)
+  builder.__name__ = name
+  builder.__doc__ = f'GhostNet {width}x.'
+  return builder
+
+
+ghostnet_050 = _register_width(
+    'ghostnet_050', 0.5, 66.2, None,
+    'no official PyTorch weights (0.5x exists in PaddleClas only)')
+ghostnet_100 = _register_width(
+    'ghostnet_100', 1.0, 73.9, 'state_dict_73.98.pth',
+    'official weights: 73.98 top-1 with the official validate script')
+ghostnet_130 = _register_width(
+    'ghostnet_130', 1.3, 75.7, None,
+    '1.3x weights were released for TensorFlow/MindSpore only')
