@@ -4,11 +4,12 @@ from ghostnet_jax import ghostnet  # noqa: F401  (registers the models)
 from ghostnet_jax.layers import make_divisible
 from ghostnet_jax.registry import (create_model, get_eval_config, list_models,
                                    register_model)
-from ghostnet_jax.utils import extract_features, init_variables, count_params
+from ghostnet_jax.macs import count_macs
+from ghostnet_jax.utils import count_params, extract_features, init_variables
 
 __version__ = '0.1.0'
 
 __all__ = [
-    'count_params', 'create_model', 'extract_features', 'get_eval_config',
+    'count_macs', 'count_params', 'create_model', 'extract_features', 'get_eval_config',
     'init_variables', 'list_models', 'make_divisible', 'register_model',
 ]
