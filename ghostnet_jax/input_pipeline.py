@@ -39,9 +39,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from ghostnet_jax import datasets as _datasets  # noqa: F401  (registers builders)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ghostnet_jax.registry import IMAGENET_MEAN, IMAGENET_STD
 
 INTERPOLATIONS = {
     'nearest': Image.Resampling.NEAREST,

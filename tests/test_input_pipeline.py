@@ -503,6 +503,30 @@ def test_digits_through_the_iterators(digits_dir):
   assert batches[0]['label'][5] == source[5]['label']
 
 
+def test_digits_batches_keep_labels_with_their_images(digits_dir):
+  # A linear classifier fitted on augmented train batches must recognise the
+  # test split: it cannot if rows and labels were mismatched anywhere.
+  from sklearn.linear_model import LogisticRegression
+  data_dir, info = digits_dir
+  pool = lambda b: b['image'][..., 0].reshape(-1, 8, 4, 8, 4).mean((2, 4)).reshape(-1, 64)
+  it = ip.train_iterator(dataset=info.name, data_dir=data_dir,
+                         global_batch_size=128, image_size=32, seed=0,
+                         scale=(0.5, 1.0), hflip=False, mean=MEAN, std=STD,
+                         process_index=0, process_count=1)
+  train = _take(it, 5)
+  test = list(ip.eval_iterator(dataset=info.name, data_dir=data_dir,
+                               split='test', global_batch_size=128,
+                               image_size=32, crop_fraction=1.0, mean=MEAN,
+                               std=STD, process_index=0, process_count=1))
+  real = np.concatenate([b['mask'] for b in test]) > 0
+  x_test = np.concatenate([pool(b) for b in test])[real]
+  y_test = np.concatenate([b['label'] for b in test])[real]
+  clf = LogisticRegression(max_iter=500).fit(
+      np.concatenate([pool(b) for b in train]),
+      np.concatenate([b['label'] for b in train]))
+  assert np.mean(clf.predict(x_test) == y_test) > 0.8  # Chance: 0.1.
+
+
 @pytest.mark.slow
 def test_worker_processes_give_the_same_batches(digits_dir):
   data_dir, info = digits_dir
