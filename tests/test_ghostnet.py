@@ -17,8 +17,8 @@ import torch
 import ghostnet_jax
 from ghostnet_jax import convert
 from ghostnet_jax.utils import abstract_variables
-from torch_reference import (nchw, nhwc, randomize_torch_model,
-                             relative_error)
+from torch_reference import (nchw, nhwc, random_flax_variables,
+                             randomize_torch_model, relative_error)
 
 WIDTHS = {'ghostnet_050': 0.5, 'ghostnet_100': 1.0, 'ghostnet_130': 1.3}
 PARAMS = {'ghostnet_050': 2_587_292, 'ghostnet_100': 5_182_508,
@@ -61,9 +61,9 @@ def test_unknown_model_lists_known_names():
 ])
 def test_bad_image_shapes_are_refused(shape, match):
   model = ghostnet_jax.create_model('ghostnet_050')
-  variables = ghostnet_jax.init_variables(model, image_size=64)
+  variables = abstract_variables(model, image_size=64)
   with pytest.raises(ValueError, match=match):
-    model.apply(variables, jnp.zeros(shape))
+    jax.eval_shape(model.apply, variables, jnp.zeros(shape))
 
 
 # --------------------------------------------------------------- parity
@@ -116,8 +116,9 @@ def _first_divergent_block(torch_model, model, variables, x, tol):
     torch_model(nchw(x))
   for h in hooks:
     h.remove()
-  _, state = model.apply(variables, x, capture_intermediates=True,
-                         mutable=['intermediates'])
+  _, state = jax.jit(lambda v, x: model.apply(
+      v, x, capture_intermediates=True, mutable=['intermediates']))(
+          variables, x)
   inter = state['intermediates']
   worst = 0.0
   for key, ref in captured.items():  # Forward order.
@@ -159,8 +160,8 @@ def test_train_mode_forward_matches_timm(pair):
   with torch.no_grad():
     ref_logits = ref(nchw(x)).numpy()
   model = ghostnet_jax.create_model(name, dropout=0.0)
-  logits, updates = model.apply(variables, x, train=True,
-                                mutable=['batch_stats'])
+  logits, updates = jax.jit(lambda v, x: model.apply(
+      v, x, train=True, mutable=['batch_stats']))(variables, x)
   assert relative_error(logits, ref_logits) <= TOL
   ours = convert.to_torch_state_dict(
       {'params': variables['params'], 'batch_stats': updates['batch_stats']})
@@ -196,9 +197,10 @@ def test_conv_lowerings_give_the_same_logits(pair):
 
 def test_extract_features_strides_and_channels():
   model = ghostnet_jax.create_model('ghostnet_100')
-  variables = ghostnet_jax.init_variables(model, image_size=64)
-  feats = ghostnet_jax.extract_features(model, variables,
-                                        jnp.zeros((2, 64, 64, 3)))
+  variables = abstract_variables(model, image_size=64)
+  feats = jax.eval_shape(
+      lambda v, x: ghostnet_jax.extract_features(model, v, x), variables,
+      jnp.zeros((2, 64, 64, 3)))
   expected = {'stride_2': (2, 32, 32, 16), 'stride_4': (2, 16, 16, 24),
               'stride_8': (2, 8, 8, 40), 'stride_16': (2, 4, 4, 112),
               'stride_32': (2, 2, 2, 960), 'pre_logits': (2, 1280)}
@@ -207,19 +209,21 @@ def test_extract_features_strides_and_channels():
 
 def test_headless_model_returns_pre_logits():
   model = ghostnet_jax.create_model('ghostnet_050', num_classes=0)
-  variables = ghostnet_jax.init_variables(model, image_size=32)
+  variables = abstract_variables(model, image_size=32)
   assert 'classifier' not in variables['params']
-  assert model.apply(variables, jnp.zeros((3, 32, 32, 3))).shape == (3, 1280)
+  out = jax.eval_shape(model.apply, variables, jnp.zeros((3, 32, 32, 3)))
+  assert out.shape == (3, 1280)
 
 
 def test_bfloat16_compute_keeps_float32_params():
-  model = ghostnet_jax.create_model('ghostnet_050', dtype=jnp.bfloat16)
-  variables = ghostnet_jax.init_variables(model, image_size=32)
-  leaves = jax.tree_util.tree_leaves(variables)
-  assert all(leaf.dtype == jnp.float32 for leaf in leaves)
-  ref = ghostnet_jax.create_model('ghostnet_050')
   x = np.random.RandomState(5).randn(2, 32, 32, 3).astype(np.float32)
-  lo = model.apply(variables, x)
-  hi = ref.apply(variables, x)
+  ref = ghostnet_jax.create_model('ghostnet_050')
+  variables = random_flax_variables(ref, x)
+  model = ghostnet_jax.create_model('ghostnet_050', dtype=jnp.bfloat16)
+  shapes = abstract_variables(model, image_size=32)
+  assert all(leaf.dtype == jnp.float32
+             for leaf in jax.tree_util.tree_leaves(shapes))
+  lo = jax.jit(model.apply)(variables, x)
+  hi = jax.jit(ref.apply)(variables, x)
   assert lo.dtype == jnp.float32
   assert relative_error(lo, hi) < 5e-2
