@@ -340,10 +340,15 @@ std::vector<BackwardTaps> MakeBackwardTaps(int64_t in, int64_t out, int64_t k,
 }
 
 // ---------------------------------------------------------------------------
-// The inner loop of the forward and the input gradient: for one pixel, sum
-// over a rows x cols window of taps
+// The inner loop of the forward and the input gradient. For one output pixel,
+// a sum over a rows x cols window of taps
 //   out[c] = sum_{r, q} a[r * a_rs + q * a_cs + c] * b[r * b_rs + q * b_cs + c]
-// (strides in floats, possibly negative).
+// (a: the image, b: the kernel; strides in floats, possibly negative). Pixels
+// of a row whose windows have the same taps form a run: pixel m of a run reads
+// a + m * a_ps and writes out + m * out_ps. A run is computed kGroup pixels at
+// a time, so each kernel vector loaded serves several pixels and the loop
+// overhead is shared. Every pixel sums its taps in the same order however it
+// is grouped, so the grouping does not change results.
 // ---------------------------------------------------------------------------
 
 struct Window {
@@ -354,53 +359,134 @@ struct Window {
   int64_t rows, cols;
 };
 
-// NC: the number of columns when known at compile time, else 0.
-template <int L, int NC>
-inline void WindowSum(const Window& win, int64_t channels, float* out) {
+// A run of `length` pixels start, start + step, ... with the same taps.
+struct Run {
+  int64_t start, step, length;
+};
+
+#if defined(__AVX512F__)
+constexpr int kRegisters = 32;  // vector registers
+#else
+constexpr int kRegisters = 16;
+#endif
+constexpr int kGroup = 4;  // pixels computed together
+
+// Whether P pixels of NV vectors (accumulators plus the kernel vectors) fit in
+// the vector registers, with a few to spare.
+constexpr bool FitsInRegisters(int nv, int p) {
+  return (p + 1) * nv + 4 <= kRegisters;
+}
+
+// P pixels of NV vectors from channel c. NC: win.cols when known at compile
+// time, else 0.
+template <int L, int NV, int NC, int P>
+inline void WindowBlock(const Window& win, int64_t a_ps, int64_t c, int skip,
+                        float* out, int64_t out_ps) {
   using S = Simd<L>;
   using V = typename S::T;
   const int64_t cols = NC > 0 ? NC : win.cols;
-  ForChannelBlocks<L>(channels, [&](auto nv, int64_t c, int skip) {
-    constexpr int NV = decltype(nv)::value;
-    V acc[NV] = {};
-    for (int64_t r = 0; r < win.rows; ++r) {
-      const float* ar = win.a + r * win.a_rs + c;
-      const float* br = win.b + r * win.b_rs + c;
-      for (int64_t q = 0; q < cols; ++q) {
-        const float* ap = ar + q * win.a_cs;
-        const float* bp = br + q * win.b_cs;
+  V acc[P][NV] = {};
+  for (int64_t r = 0; r < win.rows; ++r) {
+    const float* ar = win.a + r * win.a_rs + c;
+    const float* br = win.b + r * win.b_rs + c;
+    for (int64_t q = 0; q < cols; ++q) {
+      const float* ap = ar + q * win.a_cs;
+      const float* bp = br + q * win.b_cs;
+      V wv[NV];
+      for (int k = 0; k < NV; ++k) wv[k] = S::Load(bp + k * L);
+      for (int p = 0; p < P; ++p) {
         for (int k = 0; k < NV; ++k) {
-          acc[k] += S::Load(ap + k * L) * S::Load(bp + k * L);
+          acc[p][k] += S::Load(ap + p * a_ps + k * L) * wv[k];
         }
       }
     }
+  }
+  for (int p = 0; p < P; ++p) {
+    float* o = out + p * out_ps + c;
     if (skip == 0) {
-      for (int k = 0; k < NV; ++k) S::Store(out + c + k * L, acc[k]);
+      for (int k = 0; k < NV; ++k) S::Store(o + k * L, acc[p][k]);
     } else {
-      S::StoreTail(out + c, acc[0], skip);
+      S::StoreTail(o, acc[p][0], skip);
     }
-  });
+  }
 }
 
+template <int L, int NC>
+inline void WindowRun(const Window& win, int64_t a_ps, int64_t length,
+                      int64_t channels, float* out, int64_t out_ps) {
+  int64_t m = 0;
+  for (; m + kGroup <= length; m += kGroup) {
+    Window w = win;
+    w.a += m * a_ps;
+    float* o = out + m * out_ps;
+    ForChannelBlocks<L>(channels, [&](auto nv, int64_t c, int skip) {
+      constexpr int NV = decltype(nv)::value;
+      static_assert(kGroup == 4, "kGroup == 4 assumed below");
+      if constexpr (FitsInRegisters(NV, 4)) {
+        WindowBlock<L, NV, NC, 4>(w, a_ps, c, skip, o, out_ps);
+      } else if constexpr (FitsInRegisters(NV, 2)) {
+        WindowBlock<L, NV, NC, 2>(w, a_ps, c, skip, o, out_ps);
+        Window w2 = w;
+        w2.a += 2 * a_ps;
+        WindowBlock<L, NV, NC, 2>(w2, a_ps, c, skip, o + 2 * out_ps, out_ps);
+      } else {
+        for (int p = 0; p < 4; ++p) {
+          Window w1 = w;
+          w1.a += p * a_ps;
+          WindowBlock<L, NV, NC, 1>(w1, a_ps, c, skip, o + p * out_ps, out_ps);
+        }
+      }
+    });
+  }
+  for (; m < length; ++m) {
+    Window w = win;
+    w.a += m * a_ps;
+    float* o = out + m * out_ps;
+    ForChannelBlocks<L>(channels, [&](auto nv, int64_t c, int skip) {
+      WindowBlock<L, decltype(nv)::value, NC, 1>(w, a_ps, c, skip, o, out_ps);
+    });
+  }
+}
+
+// WindowRun with the column count known at compile time for common kernels.
 template <int L>
-inline void WindowSumAnyCols(const Window& win, int64_t channels, float* out) {
+inline void WindowRunAnyCols(const Window& win, int64_t a_ps, int64_t length,
+                             int64_t channels, float* out, int64_t out_ps) {
   switch (win.cols) {
     case 1:
-      return WindowSum<L, 1>(win, channels, out);
+      return WindowRun<L, 1>(win, a_ps, length, channels, out, out_ps);
     case 2:
-      return WindowSum<L, 2>(win, channels, out);
+      return WindowRun<L, 2>(win, a_ps, length, channels, out, out_ps);
     case 3:
-      return WindowSum<L, 3>(win, channels, out);
+      return WindowRun<L, 3>(win, a_ps, length, channels, out, out_ps);
     case 5:
-      return WindowSum<L, 5>(win, channels, out);
+      return WindowRun<L, 5>(win, a_ps, length, channels, out, out_ps);
     default:
-      return WindowSum<L, 0>(win, channels, out);
+      return WindowRun<L, 0>(win, a_ps, length, channels, out, out_ps);
   }
 }
 
 // ---------------------------------------------------------------------------
 // Forward: y[n, oh, ow, c] = sum_{i, j} x[n, oh*sh+i-pt, ow*sw+j-pl, c] w[i, j, c]
 // ---------------------------------------------------------------------------
+
+// Runs of consecutive output columns with the same taps (all of them inside
+// the image, in the middle of the row).
+std::vector<Run> MakeForwardRuns(const std::vector<ForwardTaps>& taps) {
+  std::vector<Run> runs;
+  for (int64_t o = 0; o < static_cast<int64_t>(taps.size()); ++o) {
+    if (!runs.empty()) {
+      const ForwardTaps& first = taps[runs.back().start];
+      if (taps[o].first_tap == first.first_tap &&
+          taps[o].count == first.count) {
+        ++runs.back().length;
+        continue;
+      }
+    }
+    runs.push_back({o, 1, 1});
+  }
+  return runs;
+}
 
 template <int L>
 void Forward(const Runner& run, const Geometry& g, const float* x,
@@ -409,6 +495,7 @@ void Forward(const Runner& run, const Geometry& g, const float* x,
       MakeForwardTaps(g.h, g.ho, g.kh, g.sh, g.pt);
   const std::vector<ForwardTaps> col_taps =
       MakeForwardTaps(g.w, g.wo, g.kw, g.sw, g.pl);
+  const std::vector<Run> col_runs = MakeForwardRuns(col_taps);
   const int64_t C = g.c;
   // Output rows of all groups and images: r = (grp * N + n) * Ho + oh.
   run.ForRanges(g.groups * g.n * g.ho, [&](int64_t begin, int64_t end) {
@@ -418,13 +505,14 @@ void Forward(const Runner& run, const Geometry& g, const float* x,
       const float* w_grp = w + g.w_offset(grp);
       float* y_row = y + g.y_offset(grp) + (n * g.ho + oh) * g.wo * C;
       const ForwardTaps& rt = row_taps[oh];
-      for (int64_t ow = 0; ow < g.wo; ++ow) {
-        const ForwardTaps& ct = col_taps[ow];
+      for (const Run& cr : col_runs) {
+        const ForwardTaps& ct = col_taps[cr.start];
         const Window win = {
             x_img + (rt.first_in * g.w + ct.first_in) * C, g.w * C, C,
             w_grp + (rt.first_tap * g.kw + ct.first_tap) * C, g.kw * C, C,
             rt.count, ct.count};
-        WindowSumAnyCols<L>(win, C, y_row + ow * C);
+        WindowRunAnyCols<L>(win, g.sw * C, cr.length, C,
+                            y_row + cr.start * C, C);
       }
     }
   });
@@ -436,15 +524,43 @@ void Forward(const Runner& run, const Geometry& g, const float* x,
 // over the (i, oh) with oh*sh + i - pt == ih and the (j, ow) with
 // ow*sw + j - pl == iw: a window of taps i = i0 + m*sh (oh = oh0 - m) by
 // j = j0 + m*sw (ow = ow0 - m). Gathered per input pixel, so each dx element
-// is written once.
+// is written once. Input columns iw and iw + sw have the same taps (one output
+// column apart), so runs step by sw.
 // ---------------------------------------------------------------------------
+
+// Runs of input columns q, q + s, q + 2s, ... with the same taps and
+// consecutive outputs.
+std::vector<Run> MakeBackwardRuns(const std::vector<BackwardTaps>& taps,
+                                  int64_t s) {
+  std::vector<Run> runs;
+  const int64_t size = static_cast<int64_t>(taps.size());
+  for (int64_t residue = 0; residue < std::min(s, size); ++residue) {
+    const size_t first_run = runs.size();
+    for (int64_t q = residue; q < size; q += s) {
+      if (runs.size() > first_run) {
+        Run& run = runs.back();
+        const BackwardTaps& first = taps[run.start];
+        if (taps[q].first_tap == first.first_tap &&
+            taps[q].count == first.count &&
+            taps[q].first_out == first.first_out + run.length) {
+          ++run.length;
+          continue;
+        }
+      }
+      runs.push_back({q, s, 1});
+    }
+  }
+  return runs;
+}
 
 // Tap windows of the input gradient, for every input row and column.
 struct InputGradTaps {
   std::vector<BackwardTaps> rows, cols;
+  std::vector<Run> col_runs;
   explicit InputGradTaps(const Geometry& g)
       : rows(MakeBackwardTaps(g.h, g.ho, g.kh, g.sh, g.pt)),
-        cols(MakeBackwardTaps(g.w, g.wo, g.kw, g.sw, g.pl)) {}
+        cols(MakeBackwardTaps(g.w, g.wo, g.kw, g.sw, g.pl)),
+        col_runs(MakeBackwardRuns(cols, g.sw)) {}
 };
 
 // One input row ih of one image: dy_img (Ho, Wo, C), w (kh, kw, C),
@@ -455,13 +571,14 @@ inline void InputGradRow(const Geometry& g, const InputGradTaps& taps,
                          float* dx_row) {
   const int64_t C = g.c;
   const BackwardTaps& rt = taps.rows[ih];
-  for (int64_t iw = 0; iw < g.w; ++iw) {
-    const BackwardTaps& ct = taps.cols[iw];
+  for (const Run& cr : taps.col_runs) {
+    const BackwardTaps& ct = taps.cols[cr.start];
     const Window win = {
         dy_img + (rt.first_out * g.wo + ct.first_out) * C, -g.wo * C, -C,
         w + (rt.first_tap * g.kw + ct.first_tap) * C, g.sh * g.kw * C,
         g.sw * C, rt.count, ct.count};
-    WindowSumAnyCols<L>(win, C, dx_row + iw * C);
+    WindowRunAnyCols<L>(win, C, cr.length, C, dx_row + cr.start * C,
+                        cr.step * C);
   }
 }
 
@@ -516,52 +633,65 @@ std::vector<OutputRange> MakeOutputRanges(int64_t in, int64_t out, int64_t k,
   return ranges;
 }
 
-// partial[c] += sum_{m in [0, count)} a[m * a_step + c] * b[m * b_step + c],
-// over the ms in two interleaved sums (two independent FMA chains).
-template <int L>
-inline void DotAccumulate(const float* a, int64_t a_step, const float* b,
-                          int64_t b_step, int64_t count, int64_t channels,
-                          float* partial) {
-  using S = Simd<L>;
-  using V = typename S::T;
-  ForChannelBlocks<L>(channels, [&](auto nv, int64_t c, int skip) {
-    constexpr int NV = decltype(nv)::value;
-    V acc0[NV] = {}, acc1[NV] = {};
-    const float* ap = a + c;
-    const float* bp = b + c;
-    int64_t m = 0;
-    for (; m + 1 < count; m += 2) {
-      for (int k = 0; k < NV; ++k) {
-        acc0[k] += S::Load(ap + k * L) * S::Load(bp + k * L);
-        acc1[k] += S::Load(ap + a_step + k * L) * S::Load(bp + b_step + k * L);
-      }
-      ap += 2 * a_step;
-      bp += 2 * b_step;
-    }
-    if (m < count) {
-      for (int k = 0; k < NV; ++k) {
-        acc0[k] += S::Load(ap + k * L) * S::Load(bp + k * L);
-      }
-    }
-    if (skip == 0) {
-      for (int k = 0; k < NV; ++k) {
-        float* p = partial + c + k * L;
-        S::Store(p, S::Load(p) + (acc0[k] + acc1[k]));
-      }
-    } else {
-      S::AddTail(partial + c, acc0[0] + acc1[0], skip);
-    }
-  });
-}
-
 // Tap ranges of the weight gradient.
 struct WeightGradTaps {
-  std::vector<ForwardTaps> rows;   // per output row
-  std::vector<OutputRange> cols;   // per kernel column
+  std::vector<ForwardTaps> rows;  // per output row
+  std::vector<OutputRange> cols;  // per kernel column
+  // The output columns where every kernel column reads inside the image (the
+  // middle of the row; empty, lo == hi, when there is none or when the kernel
+  // width has no specialised loop).
+  OutputRange all_cols;
+
   explicit WeightGradTaps(const Geometry& g)
       : rows(MakeForwardTaps(g.h, g.ho, g.kh, g.sh, g.pt)),
-        cols(MakeOutputRanges(g.w, g.wo, g.kw, g.sw, g.pl)) {}
+        cols(MakeOutputRanges(g.w, g.wo, g.kw, g.sw, g.pl)) {
+    all_cols = {0, 0};
+    if (g.kw == 1 || g.kw == 3 || g.kw == 5) {
+      for (const OutputRange& r : cols) {
+        all_cols.lo = std::max(all_cols.lo, r.lo);
+      }
+      all_cols.hi = all_cols.lo;
+      int64_t hi = g.wo;
+      for (const OutputRange& r : cols) hi = std::min(hi, r.hi);
+      all_cols.hi = std::max(all_cols.lo, hi);
+    }
+  }
 };
+
+// Adds acc (NV vectors) to p, or only lanes [skip, L) of acc[0] when skip > 0.
+template <int L, int NV>
+inline void AddVectors(float* p, const typename Simd<L>::T* acc, int skip) {
+  using S = Simd<L>;
+  if (skip == 0) {
+    for (int k = 0; k < NV; ++k) S::Store(p + k * L, S::Load(p + k * L) + acc[k]);
+  } else {
+    S::AddTail(p, acc[0], skip);
+  }
+}
+
+// For the kernel columns j < KW of one kernel row, over `count` output
+// pixels m: partial[j * C + c] += sum_m x[m * x_step + j * C + c] dy[m * C + c]
+// for the NV vectors of channels at c (pointers already offset by c). Loads
+// each dy vector once for all KW columns.
+template <int L, int NV, int KW>
+inline void WeightGradColumns(const float* x, int64_t x_step, const float* dy,
+                              int64_t count, int64_t C, int skip,
+                              float* partial) {
+  using S = Simd<L>;
+  using V = typename S::T;
+  V acc[KW][NV] = {};
+  for (int64_t m = 0; m < count; ++m) {
+    const float* xp = x + m * x_step;
+    V d[NV];
+    for (int k = 0; k < NV; ++k) d[k] = S::Load(dy + m * C + k * L);
+    for (int j = 0; j < KW; ++j) {
+      for (int k = 0; k < NV; ++k) {
+        acc[j][k] += S::Load(xp + j * C + k * L) * d[k];
+      }
+    }
+  }
+  for (int j = 0; j < KW; ++j) AddVectors<L, NV>(partial + j * C, acc[j], skip);
+}
 
 // Adds output row oh's contribution to partial (kh, kw, C).
 // x_img: (H, W, C); dy_row: (Wo, C).
@@ -571,16 +701,51 @@ inline void WeightGradRow(const Geometry& g, const WeightGradTaps& taps,
                           float* partial) {
   const int64_t C = g.c;
   const ForwardTaps& rt = taps.rows[oh];
+  const OutputRange all = taps.all_cols;
+  const int64_t x_step = g.sw * C;
   for (int64_t m = 0; m < rt.count; ++m) {
     const int64_t i = rt.first_tap + m;
     const float* x_row = x_img + (rt.first_in + m) * g.w * C;
-    for (int64_t j = 0; j < g.kw; ++j) {
-      const OutputRange& cr = taps.cols[j];
-      if (cr.lo >= cr.hi) continue;
-      DotAccumulate<L>(x_row + (cr.lo * g.sw + j - g.pl) * C, g.sw * C,
-                       dy_row + cr.lo * C, C, cr.hi - cr.lo, C,
-                       partial + (i * g.kw + j) * C);
-    }
+    float* p_row = partial + i * g.kw * C;
+    ForChannelBlocks<L>(C, [&](auto nv, int64_t c, int skip) {
+      constexpr int NV = decltype(nv)::value;
+      // The middle of the row, all kernel columns at once.
+      if (all.hi > all.lo) {
+        const float* x0 = x_row + (all.lo * g.sw - g.pl) * C + c;
+        const float* dy0 = dy_row + all.lo * C + c;
+        const int64_t count = all.hi - all.lo;
+        switch (g.kw) {
+          case 1:
+            WeightGradColumns<L, NV, 1>(x0, x_step, dy0, count, C, skip,
+                                        p_row + c);
+            break;
+          case 3:
+            WeightGradColumns<L, NV, 3>(x0, x_step, dy0, count, C, skip,
+                                        p_row + c);
+            break;
+          case 5:
+            WeightGradColumns<L, NV, 5>(x0, x_step, dy0, count, C, skip,
+                                        p_row + c);
+            break;
+          default:
+            break;  // all_cols is empty for other widths
+        }
+      }
+      // The rest, one kernel column at a time: outputs [lo, all.lo) and
+      // [all.hi, hi) (all of [lo, hi) when all_cols is empty).
+      for (int64_t j = 0; j < g.kw; ++j) {
+        const OutputRange& cr = taps.cols[j];
+        const OutputRange parts[2] = {{cr.lo, std::min(cr.hi, all.lo)},
+                                      {std::max(cr.lo, all.hi), cr.hi}};
+        for (const OutputRange& part : parts) {
+          if (part.hi <= part.lo) continue;
+          WeightGradColumns<L, NV, 1>(
+              x_row + (part.lo * g.sw + j - g.pl) * C + c, x_step,
+              dy_row + part.lo * C + c, part.hi - part.lo, C, skip,
+              p_row + j * C + c);
+        }
+      }
+    });
   }
 }
 
