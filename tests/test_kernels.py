@@ -318,7 +318,7 @@ def test_disabled_by_environment(monkeypatch):
 
 def test_missing_or_broken_library_is_unavailable_not_an_error(
     monkeypatch, tmp_path):
-  load = kernels._load.__wrapped__  # pylint: disable=protected-access
+  load = kernels._load_unlocked  # pylint: disable=protected-access
   monkeypatch.setattr(kernels, 'library_path',
                       lambda: str(tmp_path / 'missing.so'))
   assert 'not found' in load()

@@ -26,6 +26,12 @@ precision is lost silently.
 Transformations: ``jit``, ``grad`` (first order; the backward pass is not
 itself differentiable again) and ``vmap`` (the kernels treat leading batch
 dimensions as independent problems, ``vmap_method='expand_dims'``).
+
+Sharding: the kernels have no partitioning rule, so under ``jit`` with inputs
+sharded over several devices XLA gathers the operands and every device computes
+the whole convolution (correct, but redundant work). For data parallelism over
+several CPU devices, call the model inside ``jax.shard_map`` (each device then
+runs the kernels on its shard), or use ``impl='xla'``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import threading
 from typing import Sequence
 
 import jax
@@ -62,9 +69,17 @@ def library_path() -> str:
   return os.path.join(os.path.dirname(os.path.abspath(__file__)), LIBRARY)
 
 
+_LOAD_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=None)
 def _load() -> str | None:
   """Loads and registers the kernels once; returns None or why it failed."""
+  with _LOAD_LOCK:
+    return _load_unlocked()
+
+
+def _load_unlocked() -> str | None:
   path = library_path()
   if not os.path.exists(path):
     return (f'{path} not found; build it with '
