@@ -23,9 +23,12 @@ float32 and cast back (what XLA:CPU does for them anyway); any other dtype
 (float64 under ``jax_enable_x64``) goes to the pure-XLA lowering, so no
 precision is lost silently.
 
-Transformations: ``jit``, ``grad`` (first order; the backward pass is not
-itself differentiable again) and ``vmap`` (the kernels treat leading batch
-dimensions as independent problems, ``vmap_method='expand_dims'``).
+Transformations: ``jit``, reverse-mode ``grad``/``vjp`` (first order: the
+backward kernels are not differentiable again), ``jax.checkpoint`` and ``vmap``
+(the kernels treat leading batch dimensions as independent problems,
+``vmap_method='expand_dims'``). Forward-mode AD (``jvp``, ``jacfwd``,
+``hessian``) is not supported, as for any ``custom_vjp``; use ``impl='xla'``
+for it.
 
 Sharding: the kernels have no partitioning rule, so under ``jit`` with inputs
 sharded over several devices XLA gathers the operands and every device computes
