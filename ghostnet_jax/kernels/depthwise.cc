@@ -48,7 +48,7 @@ namespace {
 // SIMD: GCC/Clang vector extensions, so the same code builds for any target.
 // ---------------------------------------------------------------------------
 
-#if defined(GHOSTNET_LANES)
+#if defined(GHOSTNET_LANES)  // -DGHOSTNET_LANES=16 etc., for experiments
 constexpr int kLanes = GHOSTNET_LANES;
 #elif defined(__AVX__)
 constexpr int kLanes = 8;
@@ -650,7 +650,6 @@ struct WeightGradTaps {
       for (const OutputRange& r : cols) {
         all_cols.lo = std::max(all_cols.lo, r.lo);
       }
-      all_cols.hi = all_cols.lo;
       int64_t hi = g.wo;
       for (const OutputRange& r : cols) hi = std::min(hi, r.hi);
       all_cols.hi = std::max(all_cols.lo, hi);
