@@ -185,14 +185,16 @@ def test_flax_to_torch_round_trip(pair, timm):
   assert relative_error(_flax_logits(name, variables, x), ref) <= TOL
 
 
-def test_conv_lowerings_give_the_same_logits(pair):
-  name, _, variables = pair
+def test_conv_lowerings_give_the_same_logits():
+  """One parameter layout, four lowerings: the same function to rounding."""
   x = np.random.RandomState(4).randn(2, 64, 64, 3).astype(np.float32)
-  outs = {impl: _flax_logits(name, variables, x, conv_impl=impl)
-          for impl in ('lax', 'xla', 'auto')}
+  variables = random_flax_variables(ghostnet_jax.create_model('ghostnet_100'),
+                                    x)
+  outs = {impl: _flax_logits('ghostnet_100', variables, x, conv_impl=impl)
+          for impl in ('lax', 'xla', 'ffi', 'auto')}
   # Same math, different summation order: rounding-level differences only.
-  assert relative_error(outs['xla'], outs['lax']) <= 1e-5
-  assert relative_error(outs['auto'], outs['lax']) <= 1e-5
+  for impl in ('xla', 'ffi', 'auto'):
+    assert relative_error(outs[impl], outs['lax']) <= 1e-5, impl
 
 
 def test_extract_features_strides_and_channels():
