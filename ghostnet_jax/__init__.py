@@ -1,6 +1,7 @@
 """GhostNet family in JAX/Flax: models, registry, PyTorch checkpoint converter."""
 
 from ghostnet_jax import ghostnet  # noqa: F401  (registers the models)
+from ghostnet_jax import ghostnetv2  # noqa: F401
 from ghostnet_jax.layers import make_divisible
 from ghostnet_jax.registry import (create_model, get_eval_config, list_models,
                                    register_model)
