@@ -2,6 +2,8 @@
 
 from ghostnet_jax import ghostnet  # noqa: F401  (registers the models)
 from ghostnet_jax import ghostnetv2  # noqa: F401
+from ghostnet_jax import ghostnetv3  # noqa: F401
+from ghostnet_jax.ghostnetv3 import reparameterize
 from ghostnet_jax.layers import make_divisible
 from ghostnet_jax.registry import (create_model, get_eval_config, list_models,
                                    register_model)
@@ -13,4 +15,5 @@ __version__ = '0.1.0'
 __all__ = [
     'count_macs', 'count_params', 'create_model', 'extract_features', 'get_eval_config',
     'init_variables', 'list_models', 'make_divisible', 'register_model',
+    'reparameterize',
 ]
