@@ -381,7 +381,10 @@ def to_torch_state_dict(variables: Mapping, name: str | None = None,
                         **create_kwargs) -> 'collections.OrderedDict':
   """Flax variables -> a PyTorch state_dict with the official key names.
 
-  The result loads with ``strict=True`` into the official / timm model.
+  The result loads with ``strict=True`` into the official / timm model
+  (GhostNetV3's training form: into the official one; timm names its branch
+  BatchNorms ``bn1``: rename with
+  :func:`ghostnet_jax.ghostnetv3.official_to_timm_key`).
   ``num_batches_tracked`` is written as 0 for every BatchNorm. With ``name``
   the variables are first checked against the model's layout.
   """
