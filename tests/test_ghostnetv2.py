@@ -8,7 +8,6 @@ agree to rounding; ``tests/test_ops.py`` checks them).
 """
 
 import copy
-import functools
 
 import chex
 import jax
@@ -26,7 +25,7 @@ from ghostnet_jax.ghostnetv2 import (DFCAttention, GhostModuleV2,
                                      torch_nearest_indices)
 from ghostnet_jax.macs import _trace
 from ghostnet_jax.utils import abstract_variables
-from torch_reference import nchw, nhwc, randomize_torch_model, relative_error
+from torch_reference import compiled_apply, nchw, nhwc, randomize_torch_model, relative_error
 
 WIDTHS = {'ghostnetv2_100': 1.0, 'ghostnetv2_130': 1.3, 'ghostnetv2_160': 1.6}
 PARAMS = {'ghostnetv2_100': 6_156_908, 'ghostnetv2_130': 8_960_404,
@@ -34,41 +33,6 @@ PARAMS = {'ghostnetv2_100': 6_156_908, 'ghostnetv2_130': 8_960_404,
 MMACS = {'ghostnetv2_100': 167.0, 'ghostnetv2_130': 269.3,
          'ghostnetv2_160': 398.6}
 TOL = 1e-4
-
-
-@functools.lru_cache(maxsize=None)
-def _apply_fn(name, train=False, **kwargs):
-  """``model.apply`` compiled once per input shape.
-
-  XLA's backend optimisation level 0 halves the compile time of these
-  one-off runs (same results to rounding).
-  """
-  model = gj.create_model(name, conv_impl='lax',
-                          **(dict(kwargs, dropout=0.0) if train else kwargs))
-  if train:
-    fn = jax.jit(lambda v, x: model.apply(v, x, train=True,
-                                          mutable=['batch_stats']))
-  else:
-    fn = jax.jit(lambda v, x: model.apply(v, x))
-  compiled = {}
-
-  def run(variables, x):
-    if x.shape not in compiled:
-      compiled[x.shape] = fn.lower(variables, x).compile(
-          compiler_options={'xla_backend_optimization_level': 0})
-    return compiled[x.shape](variables, x)
-
-  return run
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _torch_single_thread():
-  """One torch thread: with two, OpenMP's spin-waiting on a busy 2-core
-  machine costs ~50x CPU time (7 s instead of 0.1 s per forward here)."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
 
 
 def _images(size, batch=2, seed=0):
@@ -249,7 +213,7 @@ def test_eval_logits_match_timm(converted, size):
   x = _images(size)
   with torch.no_grad():
     ref = tmodel(nchw(x)).numpy()
-  out = np.asarray(_apply_fn('ghostnetv2_100')(variables, x))
+  out = np.asarray(compiled_apply('ghostnetv2_100', conv_impl='lax')(variables, x))
   chex.assert_shape(out, (2, 1000))
   err = relative_error(out, ref)
   print(f'ghostnetv2_100 eval @{size}: max rel diff {err:.2e}')
@@ -265,7 +229,7 @@ def test_train_mode_matches_timm(converted):
   x = _images(97, batch=4, seed=1)
   with torch.no_grad():
     ref = tmodel(nchw(x)).numpy()
-  out, state = _apply_fn(name, train=True)(variables, x)
+  out, state = compiled_apply(name, train=True, conv_impl='lax')(variables, x)
   err = relative_error(out, ref)
   print(f'{name} train mode @97: max rel diff {err:.2e}')
   assert err <= TOL
@@ -312,7 +276,7 @@ def test_eval_logits_match_timm_wider(converted, name):
   x = _images(129)
   with torch.no_grad():
     ref = tmodel(nchw(x)).numpy()
-  out = np.asarray(_apply_fn(name)(variables, x))
+  out = np.asarray(compiled_apply(name, conv_impl='lax')(variables, x))
   err = relative_error(out, ref)
   print(f'{name} eval @129: max rel diff {err:.2e}')
   assert err <= TOL

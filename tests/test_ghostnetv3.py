@@ -8,7 +8,6 @@ are calibrated before they are perturbed), the state_dicts go through real
 """
 
 import copy
-import functools
 import re
 
 import chex
@@ -24,7 +23,7 @@ from ghostnet_jax.ghostnetv3 import (GhostModuleV3, _fold,
                                      official_to_timm_key,
                                      timm_to_official_key)
 from ghostnet_jax.registry import get_entry
-from torch_reference import nchw, nhwc, randomize_torch_model, relative_error
+from torch_reference import compiled_apply, nchw, nhwc, randomize_torch_model, relative_error
 
 PARAMS = {  # (training form, deploy form), 1000 classes.
     'ghostnetv3_050': (3_395_384, 2_853_176),
@@ -72,41 +71,6 @@ def condition_torch_model(model, size, seed=0):
                           * 0.1 * m.running_var.sqrt())
       m.running_var.mul_(torch.rand(m.running_var.shape, generator=g) * 0.4
                          + 0.8)
-
-
-@functools.lru_cache(maxsize=None)
-def _apply_fn(name, train=False, **kwargs):
-  """``model.apply`` compiled once per input shape.
-
-  XLA's backend optimisation level 0 halves the compile time of these
-  one-off runs (same results to rounding).
-  """
-  model = gj.create_model(name, conv_impl='lax',
-                          **(dict(kwargs, dropout=0.0) if train else kwargs))
-  if train:
-    fn = jax.jit(lambda v, x: model.apply(v, x, train=True,
-                                          mutable=['batch_stats']))
-  else:
-    fn = jax.jit(lambda v, x: model.apply(v, x))
-  compiled = {}
-
-  def run(variables, x):
-    if x.shape not in compiled:
-      compiled[x.shape] = fn.lower(variables, x).compile(
-          compiler_options={'xla_backend_optimization_level': 0})
-    return compiled[x.shape](variables, x)
-
-  return run
-
-
-@pytest.fixture(scope='module', autouse=True)
-def _torch_single_thread():
-  """One torch thread: with two, OpenMP's spin-waiting on a busy 2-core
-  machine costs ~50x CPU time (7 s instead of 0.1 s per forward here)."""
-  threads = torch.get_num_threads()
-  torch.set_num_threads(1)
-  yield
-  torch.set_num_threads(threads)
 
 
 def _images(size, batch=2, seed=0):
@@ -297,8 +261,8 @@ def test_both_forms_match_timm_and_fusion_is_exact(models, size):
   with torch.no_grad():
     ref = m['timm'](nchw(x)).numpy()
     ref_deploy = m['timm_deploy'](nchw(x)).numpy()
-  out = np.asarray(_apply_fn(name)(m['variables'], x))
-  deploy_fn = _apply_fn(name, deploy=True)
+  out = np.asarray(compiled_apply(name, conv_impl='lax')(m['variables'], x))
+  deploy_fn = compiled_apply(name, deploy=True, conv_impl='lax')
   out_deploy = np.asarray(deploy_fn(m['deploy_variables'], x))
   fused = gj.reparameterize(name, m['variables'])
   out_fused = np.asarray(deploy_fn(fused, x))
@@ -405,7 +369,7 @@ def test_train_mode_matches_timm(models):
   x = _images(97, batch=4, seed=1)
   with torch.no_grad():
     ref = tmodel(nchw(x)).numpy()
-  out, state = _apply_fn(name, train=True)(m['variables'], x)
+  out, state = compiled_apply(name, train=True, conv_impl='lax')(m['variables'], x)
   err = relative_error(out, ref)
   print(f'{name} train mode @97: max rel diff {err:.2e}')
   assert err <= TOL
@@ -428,8 +392,8 @@ def test_other_widths_match_timm(models, name):
   with torch.no_grad():
     ref = m['timm'](nchw(x)).numpy()
     ref_deploy = m['timm_deploy'](nchw(x)).numpy()
-  out = np.asarray(_apply_fn(name)(m['variables'], x))
-  deploy_fn = _apply_fn(name, deploy=True)
+  out = np.asarray(compiled_apply(name, conv_impl='lax')(m['variables'], x))
+  deploy_fn = compiled_apply(name, deploy=True, conv_impl='lax')
   out_deploy = np.asarray(deploy_fn(m['deploy_variables'], x))
   out_fused = np.asarray(deploy_fn(gj.reparameterize(name, m['variables']),
                                    x))
