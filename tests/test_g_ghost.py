@@ -269,13 +269,18 @@ def test_eval_parity_more_variants(converted, name):
 
 
 def test_train_mode_parity():
-  """Batch statistics in the forward pass and the running-stat updates."""
+  """Batch statistics in the forward pass and the running-stat updates.
+
+  Batch 8: BN over few values amplifies rounding differences stage by stage
+  (with batch 4, 2x2 maps at stride 32 are normalised over 16 values and the
+  two frameworks' rounding grows to ~1e-4 at pre_logits; with 8, ~4e-5).
+  """
   name = 'g_ghost_regnetx_006'  # G-Ghost stages 2, 3 and 4.
   ref = R.build(name, drop_rate=0.0)
   randomize_torch_model(ref, seed=7)
   variables = convert.load_torch_checkpoint(ref.state_dict(), name)
   ref.train()
-  x = np.random.RandomState(1).randn(4, 64, 64, 3).astype(np.float32)
+  x = np.random.RandomState(1).randn(8, 64, 64, 3).astype(np.float32)
   with torch.no_grad():
     expected = _torch_forward(ref, x)
   updated = convert.load_torch_checkpoint(ref.state_dict(), name)
