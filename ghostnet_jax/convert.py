@@ -32,6 +32,7 @@ import os
 import re
 import sys
 import warnings
+import zipfile
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -158,6 +159,7 @@ def read_torch_file(path: str | os.PathLike, *,
   size = os.path.getsize(path)
   if size == 0:
     raise CheckpointError(f'{path} is empty (0 bytes): not a checkpoint.')
+  _check_zip_integrity(path, size)
   try:
     if allow_pickle:
       return torch.load(path, map_location='cpu', weights_only=False)
@@ -185,6 +187,27 @@ def read_torch_file(path: str | os.PathLike, *,
               'truncated or corrupt')
     raise CheckpointError(f'{path} ({size} bytes) is {what}. torch.load '
                           f'said: {msg[:300]}') from e
+
+
+def _check_zip_integrity(path: str, size: int) -> None:
+  """Verifies the CRC-32 of every member of a zip-format checkpoint.
+
+  ``torch.load`` does not check them, so a flipped bit inside a tensor's data
+  would otherwise load as a silently wrong weight.
+  """
+  if not zipfile.is_zipfile(path):
+    return
+  try:
+    with zipfile.ZipFile(path) as archive:
+      bad = archive.testzip()
+  except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+    raise CheckpointError(
+        f'{path} ({size} bytes) is a damaged zip archive ({e}): the file is '
+        'probably truncated or corrupt (re-download it).') from e
+  if bad is not None:
+    raise CheckpointError(
+        f'{path} ({size} bytes) is corrupt: the checksum of its member {bad!r} '
+        'does not match its contents (re-download the file).')
 
 
 def select_state_dict(obj: Any, ema: bool | None = None,

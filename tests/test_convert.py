@@ -226,3 +226,26 @@ def test_cli_reports_a_bad_file_without_traceback(tmp_path):
   assert 'Traceback' not in run.stderr
   assert 'not a PyTorch checkpoint' in run.stderr
   assert not (tmp_path / 'out').exists()
+
+
+def test_flipped_bytes_are_never_loaded_silently(state_dict, reference,
+                                                 tmp_path):
+  """A bit flip anywhere in the file is refused (zip checksums, pickle
+  structure) or, where it cannot matter, loads the exact same weights."""
+  good = _save(state_dict, tmp_path / 'good.pth')
+  data = bytearray(open(good, 'rb').read())
+  rs = np.random.RandomState(0)
+  outcomes = {'refused': 0, 'identical': 0}
+  for trial, pos in enumerate(rs.randint(0, len(data), size=40)):
+    flipped = bytearray(data)
+    flipped[pos] ^= 1 << rs.randint(8)
+    path = tmp_path / f'flip{trial}.pth'
+    path.write_bytes(bytes(flipped))
+    try:
+      got = convert.load_torch_checkpoint(str(path), NAME)
+    except convert.CheckpointError:
+      outcomes['refused'] += 1
+    else:
+      assert _leaves_equal(got, reference), f'byte {pos} changed the weights'
+      outcomes['identical'] += 1
+  assert outcomes['refused'] >= 30, outcomes
