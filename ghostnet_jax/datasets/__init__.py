@@ -1,0 +1,6 @@
+"""Datasets shipped with ghostnet-jax (tfds builders; importing registers them)."""
+
+from ghostnet_jax.datasets.digits import (DIGITS_NAME, GhostnetDigits,
+                                          digits_split_indices, prepare_digits)
+
+__all__ = ['DIGITS_NAME', 'GhostnetDigits', 'digits_split_indices', 'prepare_digits']
