@@ -1,10 +1,15 @@
 """The default run: a small GhostNet on the embedded digits dataset.
 
 ``python train.py`` (no arguments) trains this on a laptop CPU in a few
-minutes: GhostNet 0.5x at 32x32 on scikit-learn's 8x8 handwritten digits
-(1797 images, upscaled to RGB; prepared once into ``./data/tfds``) and
-reaches >= 97% top-1 on the held-out split. Every field below exists in every
-config; the ImageNet configs start from this one and override the recipe.
+minutes: GhostNet 0.5x (the full network) at 16x16 on scikit-learn's 8x8
+handwritten digits (1797 images, stored upscaled to 32x32 RGB; prepared once
+into ``./data/tfds``), 1000 steps of 64 (45 epochs), and reaches ~98.6% top-1
+on the 359 held-out digits. 16x16 keeps all the information of the 8x8
+originals at a quarter of the cost of 32x32; the last stages then run on 1x1
+maps. ``conv_impl='lax'`` compiles in ~40 s on a 2-core CPU, about a third of
+the CPU-tuned lowering's compile time, with the same step time at this size.
+Every field below exists in every config; the ImageNet configs start from
+this one and override the recipe.
 
   python train.py                                  # -> ./workdirs/default
   python train.py --config configs/default.py --workdir /tmp/digits \
@@ -24,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.dtype = 'float32'                  # compute dtype: 'float32' or 'bfloat16' (params stay fp32)
   c.dropout = 0.2                      # before the classifier
   c.bn_batch_groups = 1                # 1: global BN stats; -1: one group per device (DDP w/o SyncBN); n: n groups
-  c.conv_impl = 'auto'                 # convolution lowering (ghostnet_jax.ops)
+  c.conv_impl = 'lax'                  # convolution lowering (ghostnet_jax.ops); 'auto' on accelerators is 'lax'
   c.init_from = ''                     # converted checkpoint dir to start from (classifier reset if classes differ)
 
   # --- data ---
@@ -32,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.data_dir = './data/tfds'           # tfds data_dir; digits is prepared here automatically
   c.train_split = 'train'
   c.eval_split = 'test'                # held-out split for top-1/top-5
-  c.image_size = 32                    # training and evaluation resolution
+  c.image_size = 16                    # training and evaluation resolution
   c.eval_crop_fraction = 1.0           # eval: resize short side to image_size / crop, center crop
   c.interpolation = 'bilinear'
   c.mean = (0.5, 0.5, 0.5)             # normalisation (None: the model's registry defaults)
@@ -45,7 +50,7 @@ def get_config() -> ml_collections.ConfigDict:
   # --- length and batch ---
   c.batch_size = 64                    # global batch, split over all devices and processes
   c.eval_batch_size = 128              # global eval batch
-  c.num_train_steps = 700              # > 0 wins over num_epochs
+  c.num_train_steps = 1000             # > 0 wins over num_epochs
   c.num_epochs = 0.0                   # used when num_train_steps <= 0
   c.seed = 0                           # init, dropout and data order
 
@@ -78,11 +83,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.process_id = -1                    # optional (-1: auto-detect)
 
   # --- checkpoints, evaluation, logging ---
-  c.checkpoint_every_steps = 350       # also saved at the end and on preemption
+  c.checkpoint_every_steps = 250       # also saved at the end and on preemption
   c.keep_checkpoints = 2               # latest N kept ...
   c.keep_best_checkpoints = 1          # ... plus best N by eval top-1
   c.async_checkpointing = True
-  c.eval_every_steps = 350             # 0: only at the end
-  c.log_every_steps = 50
+  c.eval_every_steps = 250             # 0: only at the end
+  c.log_every_steps = 50               # stdout/CSV/TensorBoard; each log syncs the host
   c.progress_bar = True
   return c

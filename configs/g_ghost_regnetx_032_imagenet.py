@@ -25,6 +25,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = default.get_config()
   c.model = 'g_ghost_regnetx_032'
   c.dtype = 'bfloat16'
+  c.conv_impl = 'auto'
   c.dropout = 0.2
 
   c.dataset = 'imagenet2012'

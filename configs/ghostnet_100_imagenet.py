@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = default.get_config()
   c.model = 'ghostnet_100'
   c.dtype = 'bfloat16'
+  c.conv_impl = 'auto'
   c.dropout = 0.2
 
   c.dataset = 'imagenet2012'

@@ -145,10 +145,11 @@ def restore_workdir(workdir: str | os.PathLike, which: str = 'best',
     * ``ema_variables``: the same for the parameter EMA, or None if the run
       had no EMA (training evaluated the EMA when it had one);
     * ``config``: the run's ``ml_collections.ConfigDict`` (model, dataset,
-      image size, preprocessing: build the model with
-      ``create_model(config.model, num_classes=meta['num_classes'],
-      **config.model_overrides)``);
-    * ``meta``: model, num_classes, dataset, class_names, step;
+      data_dir, eval_split, image_size, eval_crop_fraction, interpolation,
+      mean, std); build the model with
+      ``ghostnet_jax.train_lib.model_from_config(config, meta['num_classes'])``;
+    * ``meta``: model, num_classes, dataset (as configured), dataset_name
+      (the tfds name to pass to the input pipeline), class_names, step;
     * ``step`` and ``metrics`` (``{'top1': ...}`` or None).
 
   Raises:

@@ -32,7 +32,6 @@ field, and nothing already in the workdir is touched.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -51,20 +50,34 @@ import optax
 import orbax.checkpoint as ocp
 
 from ghostnet_jax import checkpoint as ckpt_lib
+from ghostnet_jax import input_pipeline
 from ghostnet_jax import ops
 from ghostnet_jax import optim
 from ghostnet_jax import registry
 from ghostnet_jax import sharding as shd
 from ghostnet_jax import train_logging
 
-try:  # The input pipeline lives on its own branch until it is merged.
-  from ghostnet_jax import input_pipeline
-except ImportError:  # pragma: no cover
-  input_pipeline = None
-
 CONFIG_NAME = ckpt_lib.CONFIG_NAME
 FINAL_METRICS_NAME = 'final_metrics.json'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class _DropOrbaxNoise:
+  """Drops orbax's warning on every save made without eval metrics.
+
+  Steps saved between evaluations (and on preemption) carry no top-1 by
+  design; they are kept by the latest-N policy.
+  """
+
+  def filter(self, record) -> bool:
+    return 'did not provide metrics' not in record.getMessage()
+
+
+def _quiet_orbax() -> None:
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  logger = absl_logging.get_absl_logger()
+  if not any(isinstance(f, _DropOrbaxNoise) for f in logger.filters):
+    logger.addFilter(_DropOrbaxNoise())
 
 
 class ConfigError(ValueError):
@@ -221,6 +234,32 @@ def bn_groups(config, num_devices: int) -> int:
   """BatchNorm groups: ``bn_batch_groups``, with -1 meaning one per device."""
   g = config.bn_batch_groups
   return num_devices if g == -1 else g
+
+
+def _tuples(v):
+  if isinstance(v, (list, tuple)):
+    return tuple(_tuples(x) for x in v)
+  return v
+
+
+def model_from_config(config: ml_collections.ConfigDict, num_classes: int,
+                      **overrides) -> nn.Module:
+  """The model a config trains (also for a config read from ``config.json``).
+
+  Args:
+    config: a training config (or ``restore_workdir(...)['config']``).
+    num_classes: classifier outputs (``meta['num_classes']`` of a workdir).
+    **overrides: model fields replacing the config's, e.g.
+      ``bn_batch_groups=1`` or ``conv_impl='lax'``.
+  """
+  kwargs = dict(dtype=DTYPES[config.dtype], dropout=config.dropout,
+                bn_batch_groups=1 if config.bn_batch_groups == -1 else
+                config.bn_batch_groups, conv_impl=config.conv_impl)
+  kwargs.update({k: _tuples(v) for k, v in
+                 config.get('model_overrides', {}).items()})
+  kwargs.update(overrides)
+  return registry.create_model(config.model, num_classes=num_classes,
+                               **kwargs)
 
 
 def architecture_signature(model: nn.Module, image_size: int) -> dict:
@@ -461,11 +500,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # ----------------------------------------------------------------------------
   # Model and optimizer
   # ----------------------------------------------------------------------------
-  groups = bn_groups(config, num_devices)
-  model = registry.create_model(
-      config.model, num_classes=num_classes, dtype=DTYPES[config.dtype],
-      dropout=config.dropout, bn_batch_groups=groups,
-      conv_impl=config.conv_impl, **config.model_overrides.to_dict())
+  try:
+    model = model_from_config(config, num_classes,
+                              bn_batch_groups=bn_groups(config, num_devices))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'config.model / config.model_overrides: {e}') from None
   schedule = optim.make_schedule(
       schedule=config.schedule, learning_rate=config.learning_rate,
       total_steps=total_steps, warmup_steps=warmup_steps,
@@ -483,6 +522,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       'num_classes': num_classes,
       'signature': architecture_signature(model, config.image_size),
       'dataset': config.dataset,
+      'dataset_name': data.dataset,  # the tfds name the pipeline reads
       'class_names': list(data.class_names or []),
   }
   # The last check before compute: a workdir of another model is refused.
@@ -532,6 +572,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # ----------------------------------------------------------------------------
   # Checkpoint: resume, or initialise (born sharded)
   # ----------------------------------------------------------------------------
+  _quiet_orbax()
   if is_main:
     os.makedirs(workdir, exist_ok=True)
     _write_json(os.path.join(workdir, CONFIG_NAME), json.loads(
@@ -616,6 +657,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           logger.update(0, loss=last_train['train_loss'],
                         lr=last_train['learning_rate'],
                         img_s=last_train['img_per_sec'])
+          window_start, window_steps = time.perf_counter(), 0
+        if step == start_step + 1:  # keep compilation out of img/s
+          jax.block_until_ready(train_metrics)
+          logger.print(f'First step (with compilation) took '
+                       f'{time.perf_counter() - run_start:.1f}s.')
           window_start, window_steps = time.perf_counter(), 0
 
         eval_metrics = None
@@ -729,26 +775,34 @@ def _load_init_from(config, model: nn.Module, num_classes: int) -> dict:
           for col, v in out.items()}
 
 
+DIGITS_ALIASES = ('digits', 'ghostnet_digits')
+
+
 class _Input:
-  """The trainer's view of :mod:`ghostnet_jax.input_pipeline`."""
+  """The trainer's view of :mod:`ghostnet_jax.input_pipeline`.
+
+  ``dataset='digits'`` builds the embedded digits dataset into ``data_dir``
+  the first time (``ghostnet_digits/32``, or ``/64`` for images above 32).
+  """
 
   def __init__(self, config, process_index: int, process_count: int):
-    if input_pipeline is None:
-      raise ConfigError('ghostnet_jax.input_pipeline is not available.')
     self.config = config
     self.process_index = process_index
     self.process_count = process_count
     try:
-      if config.dataset == 'digits':
+      if config.dataset in DIGITS_ALIASES:
         from ghostnet_jax.datasets import digits  # pylint: disable=g-import-not-at-top
-        info = digits.prepare_digits(config.data_dir)
+        info = digits.prepare_digits(
+            config.data_dir, image_size=32 if config.image_size <= 32 else 64)
       else:
         info = input_pipeline.get_dataset_info(config.dataset,
-                                               config.data_dir)
+                                               config.data_dir or None)
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise ConfigError(f'config.dataset={config.dataset!r} '
                         f'(data_dir {config.data_dir!r}): {e}') from None
     self.info = info
+    self.dataset = info.name
+    self.data_dir = config.data_dir or None
     for field in ('train_split', 'eval_split'):
       split = config[field]
       if split not in info.splits:
@@ -769,7 +823,7 @@ class _Input:
     """Local batches for steps ``start_step, start_step + 1, ...``."""
     c = self.config
     return iter(input_pipeline.train_iterator(
-        dataset=c.dataset, data_dir=c.data_dir, split=c.train_split,
+        dataset=self.dataset, data_dir=self.data_dir, split=c.train_split,
         global_batch_size=c.batch_size, image_size=c.image_size, seed=c.seed,
         start_step=start_step, mean=self.mean, std=self.std,
         interpolation=c.interpolation, scale=tuple(c.scale),
@@ -781,7 +835,7 @@ class _Input:
     """Local padded eval batches with a ``mask``, one pass over the split."""
     c = self.config
     return iter(input_pipeline.eval_iterator(
-        dataset=c.dataset, data_dir=c.data_dir, split=c.eval_split,
+        dataset=self.dataset, data_dir=self.data_dir, split=c.eval_split,
         global_batch_size=c.eval_batch_size, image_size=c.image_size,
         crop_fraction=c.eval_crop_fraction, interpolation=c.interpolation,
         mean=self.mean, std=self.std, process_index=self.process_index,

@@ -6,8 +6,6 @@ Multi-device and multi-process tests are in test_train_multidevice.py.
 
 import json
 import os
-import signal
-import types
 
 import chex
 import jax
@@ -20,6 +18,7 @@ import pytest
 
 import fake_input
 import train_test_utils
+from train_test_utils import compilation_cache, digits_dir  # noqa: F401  (fixtures)
 from ghostnet_jax import checkpoint as ckpt_lib
 from ghostnet_jax import optim
 from ghostnet_jax import sharding as shd
@@ -222,6 +221,15 @@ def test_unknown_dataset_fails_before_compute(tmp_path, fake_pipeline):
   assert not (tmp_path / 'w').exists()
 
 
+def test_bad_model_override_fails_before_compute(tmp_path, fake_pipeline):
+  config = train_test_utils.tiny_config(
+      model_overrides={'blocks': train_test_utils.TINY_BLOCKS, 'width': 2.0})
+  with pytest.raises(train_lib.ConfigError,
+                     match="config.model_overrides.*'width'"):
+    train_lib.train_and_evaluate(config, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
+
+
 def test_unknown_split_fails_before_compute(tmp_path, fake_pipeline):
   config = train_test_utils.tiny_config(eval_split='validation')
   with pytest.raises(train_lib.ConfigError,
@@ -265,60 +273,57 @@ def test_workdir_of_another_model_is_refused_untouched(tmp_path,
 # ------------------------------------------------------------------------------
 
 
-def _sigterm_at(step_to_stop):
-  """A pipeline whose train iterator sends SIGTERM when fetching a batch."""
-
-  def train_iterator(**kwargs):
-    step = kwargs['start_step']
-    for batch in fake_input.train_iterator(**kwargs):
-      if step == step_to_stop - 1:  # the batch of the step_to_stop-th step
-        os.kill(os.getpid(), signal.SIGTERM)
-      yield batch
-      step += 1
-
-  return types.SimpleNamespace(
-      get_dataset_info=fake_input.get_dataset_info,
-      eval_iterator=fake_input.eval_iterator, train_iterator=train_iterator)
+def test_sigterm_sets_the_preemption_flag_and_handler_is_restored():
+  import signal  # pylint: disable=g-import-not-at-top
+  before = signal.getsignal(signal.SIGTERM)
+  p = train_lib._Preemption(enable=True)
+  assert not p.requested
+  os.kill(os.getpid(), signal.SIGTERM)
+  assert p.requested
+  p.restore()
+  assert signal.getsignal(signal.SIGTERM) is before
+  assert not train_lib._Preemption(enable=False).requested
 
 
-def test_preempt_at_10_and_resume_to_20_equals_straight_run(tmp_path,
-                                                            monkeypatch):
+def test_preempt_at_10_and_resume_to_20_equals_straight_run(
+    tmp_path, compilation_cache):
   # EMA, dropout, label smoothing, momentum and a cosine schedule all carry
-  # state across the interruption.
-  config = train_test_utils.tiny_config(
-      num_train_steps=20, checkpoint_every_steps=7, eval_every_steps=0,
-      log_every_steps=5, ema_decay=0.9, dropout=0.2)
-  monkeypatch.setattr(train_lib, 'input_pipeline', fake_input)
-  straight = train_lib.train_and_evaluate(config, str(tmp_path / 'straight'))
-
-  monkeypatch.setattr(train_lib, 'input_pipeline', _sigterm_at(10))
-  first = train_lib.train_and_evaluate(config, str(tmp_path / 'resumed'))
+  # state across the interruption. One worker process runs: a straight
+  # 20-step run; the same config interrupted by SIGTERM during step 10; the
+  # same command again, which resumes.
+  config = dict(num_train_steps=20, checkpoint_every_steps=7,
+                eval_every_steps=0, log_every_steps=5, ema_decay=0.9,
+                dropout=0.2)
+  straight, first, resumed = train_test_utils.run_worker({
+      'devices': 1, 'fake_input': True,
+      'compilation_cache': compilation_cache, 'runs': [
+          {'workdir': str(tmp_path / 'straight'), 'config': config},
+          {'workdir': str(tmp_path / 'resumed'), 'config': config,
+           'sigterm_at': 10},
+          {'workdir': str(tmp_path / 'resumed'), 'config': config},
+      ]})
   assert first['preempted'] and first['step'] == 10
-  assert not (tmp_path / 'resumed' / 'final_metrics.json').exists()
-  assert sorted(int(p) for p in os.listdir(tmp_path / 'resumed' /
-                                           'checkpoints')
-                if p.isdigit()) == [7, 10]
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
-
-  monkeypatch.setattr(train_lib, 'input_pipeline', fake_input)
-  resumed = train_lib.train_and_evaluate(config, str(tmp_path / 'resumed'))
   assert resumed['step'] == straight['step'] == 20
   # Same computation on the same device: equal up to run-to-run rounding.
   np.testing.assert_allclose(resumed['train_loss'], straight['train_loss'],
                              rtol=1e-6)
-  np.testing.assert_allclose(resumed['top1'], straight['top1'], atol=1e-9)
+  assert resumed['top1'] == straight['top1']
   a = ckpt_lib.restore_workdir(tmp_path / 'straight', 'latest')
   b = ckpt_lib.restore_workdir(tmp_path / 'resumed', 'latest')
   assert a['step'] == b['step'] == 20
+  print('resume vs straight: loss', resumed['train_loss'],
+        straight['train_loss'])
   chex.assert_trees_all_close(a['variables'], b['variables'], rtol=1e-6,
                               atol=1e-7)
   chex.assert_trees_all_close(a['ema_variables'], b['ema_variables'],
                               rtol=1e-6, atol=1e-7)
-  # The CSV of the resumed run has each step once.
+  # The preemption save (10) is what the resumed run started from, and the
+  # CSV of the resumed run has each step once.
   with open(tmp_path / 'resumed' / 'metrics.csv') as f:
     steps = [int(line.split(',')[0]) for line in f.readlines()[1:]]
-  assert steps == sorted(steps) and steps[-1] == 20
-  assert len([s for s in steps if s == 10]) == 1
+  assert steps == [5, 10, 15, 20, 20]  # train rows, then the final eval row
+  with open(tmp_path / 'straight' / 'metrics.csv') as f:
+    assert steps == [int(line.split(',')[0]) for line in f.readlines()[1:]]
 
 
 def test_bad_resume_refuses_other_architecture(tmp_path, fake_pipeline):
@@ -327,7 +332,80 @@ def test_bad_resume_refuses_other_architecture(tmp_path, fake_pipeline):
   before = _snapshot(tmp_path / 'w')
   wider = train_test_utils.tiny_config(
       num_train_steps=4,
-      model_overrides={'blocks': train_test_utils.TINY_BLOCKS, 'width': 1.0})
+      model_overrides={'blocks': (((3, 16, 16, 0.0, 1),),
+                                  ((3, 64, 32, 0.25, 2),))})
   with pytest.raises(train_lib.ConfigError, match='another model'):
     train_lib.train_and_evaluate(wider, str(tmp_path / 'w'))
   assert _snapshot(tmp_path / 'w') == before
+
+
+# ------------------------------------------------------------------------------
+# The CLI end to end on the real digits pipeline
+# ------------------------------------------------------------------------------
+
+
+def test_train_py_end_to_end_and_restore_workdir(tmp_path, digits_dir):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / 'run'
+  cmd = [sys.executable, os.path.join(train_test_utils.ROOT, 'train.py'),
+         '--config', os.path.join(train_test_utils.HERE,
+                                  'tiny_digits_config.py'),
+         '--workdir', str(workdir), f'--config.data_dir={digits_dir}',
+         '--config.num_train_steps=6']
+  proc = subprocess.run(cmd, env=train_test_utils.worker_env(),
+                        cwd=train_test_utils.ROOT, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  final = json.loads((workdir / 'final_metrics.json').read_text())
+  assert final['step'] == 6
+  for key in ('train_loss', 'top1', 'top5'):
+    assert np.isfinite(final[key]), key
+  assert 0 <= final['top1'] <= final['top5'] <= 1
+  assert final['eval_examples'] == 359  # the digits test split, once each
+  assert f'top-1 {100 * final["top1"]:.2f}%' in proc.stdout
+  assert str(workdir / 'metrics.png') in proc.stdout
+  with open(workdir / 'metrics.csv') as f:
+    header = f.readline().strip().split(',')
+    rows = f.readlines()
+  assert header == list(train_logging.CSV_COLUMNS)
+  assert len(rows) == 3 + 2  # train rows at 2, 4, 6; eval rows at 3, 6
+  assert any(p.startswith('events.out.tfevents')
+             for p in os.listdir(workdir / 'tensorboard'))
+  assert (workdir / 'metrics.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['model'] == 'ghostnet_050' and config['num_train_steps'] == 6
+
+  # What eval.py does: restore the best checkpoint and its config, rebuild
+  # model and data, and get the top-1 the trainer reported.
+  restored = ckpt_lib.restore_workdir(workdir, 'best')
+  assert restored['step'] in (3, 6)
+  assert restored['metrics']['top1'] == pytest.approx(max(
+      float(r.split(',')[train_logging.CSV_COLUMNS.index('eval_top1')])
+      for r in rows if r.split(',')[2] == ''), rel=1e-5)  # CSV: 6 digits
+  assert restored['ema_variables'] is None
+  cfg, meta = restored['config'], restored['meta']
+  assert meta['num_classes'] == 10 and len(meta['class_names']) == 10
+  model = train_lib.model_from_config(cfg, meta['num_classes'])
+  from ghostnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  correct = count = 0
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  for batch in input_pipeline.eval_iterator(
+      dataset=meta['dataset_name'], data_dir=cfg.data_dir,
+      split=cfg.eval_split, global_batch_size=cfg.eval_batch_size,
+      image_size=cfg.image_size, crop_fraction=cfg.eval_crop_fraction,
+      interpolation=cfg.interpolation, mean=cfg.mean, std=cfg.std):
+    pred = np.asarray(apply(restored['variables'], batch['image'])).argmax(-1)
+    correct += float(((pred == batch['label']) * batch['mask']).sum())
+    count += float(batch['mask'].sum())
+  assert count == 359
+  np.testing.assert_allclose(correct / count, restored['metrics']['top1'],
+                             atol=1e-9)
+
+
+def test_default_workdir_name():
+  import train  # pylint: disable=g-import-not-at-top
+  assert train.default_workdir('configs/default.py') == os.path.join(
+      'workdirs', 'default')
+  assert train.default_workdir('/x/configs/ghostnet_100_imagenet.py:smoke') == (
+      os.path.join('workdirs', 'ghostnet_100_imagenet'))

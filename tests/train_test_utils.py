@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 
 import ml_collections
+import pytest
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -79,3 +82,39 @@ def run_worker(spec: dict, timeout: float = 600) -> list[dict]:
     raise AssertionError(f'worker failed ({proc.returncode}):\n'
                          f'{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}')
   return parse_result(proc.stdout)
+
+
+@pytest.fixture(scope='session')
+def digits_dir(tmp_path_factory):
+  """A tfds data_dir with the digits dataset built once per session."""
+  from ghostnet_jax.datasets import digits  # pylint: disable=g-import-not-at-top
+  path = tmp_path_factory.getbasetemp() / 'tfds_digits'
+  digits.prepare_digits(str(path), image_size=32)  # a no-op once built
+  return str(path)
+
+
+def sigterm_pipeline(base, step_to_stop: int):
+  """``base`` pipeline whose train iterator sends this process SIGTERM while
+  fetching the batch of the ``step_to_stop``-th step (1-based).
+
+  Python runs the handler before the next bytecode, so the trainer sees the
+  request right after that step, deterministically.
+  """
+
+  def train_iterator(**kwargs):
+    step = kwargs['start_step']
+    for batch in base.train_iterator(**kwargs):
+      if step == step_to_stop - 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+      step += 1
+
+  return types.SimpleNamespace(
+      get_dataset_info=base.get_dataset_info,
+      eval_iterator=base.eval_iterator, train_iterator=train_iterator)
+
+
+@pytest.fixture(scope='session')
+def compilation_cache(tmp_path_factory):
+  """A persistent compilation cache shared by the workers of a session."""
+  return str(tmp_path_factory.getbasetemp() / 'jax_cache')
