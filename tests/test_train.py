@@ -326,9 +326,29 @@ def test_preempt_at_10_and_resume_to_20_equals_straight_run(
     assert steps == [int(line.split(',')[0]) for line in f.readlines()[1:]]
 
 
-def test_bad_resume_refuses_other_architecture(tmp_path, fake_pipeline):
-  config = train_test_utils.tiny_config(num_train_steps=2)
+def test_init_from_converted_then_refuse_other_architecture(tmp_path,
+                                                           fake_pipeline):
+  # A converted checkpoint of the same (tiny) architecture with 1000 classes.
+  from ghostnet_jax import utils  # pylint: disable=g-import-not-at-top
+  big = train_lib.model_from_config(train_test_utils.tiny_config(), 1000)
+  converted = jax.device_get(utils.init_variables(big, 7, image_size=16))
+  ckpt_lib.save_converted(tmp_path / 'converted', converted,
+                          {'model': 'ghostnet_050', 'num_classes': 1000})
+  # Two steps at a negligible learning rate: the backbone stays the converted
+  # one, the classifier is re-initialised for 10 classes.
+  config = train_test_utils.tiny_config(
+      num_train_steps=2, init_from=str(tmp_path / 'converted'),
+      learning_rate=1e-9)
   train_lib.train_and_evaluate(config, str(tmp_path / 'w'))
+  params = ckpt_lib.restore_workdir(tmp_path / 'w', 'latest')['variables'][
+      'params']
+  assert params['classifier']['kernel'].shape == (1280, 10)
+  backbone = {k: v for k, v in params.items() if k != 'classifier'}
+  chex.assert_trees_all_close(
+      backbone, {k: v for k, v in converted['params'].items()
+                 if k != 'classifier'}, atol=1e-6)
+
+  # The workdir now holds this architecture: another one is refused.
   before = _snapshot(tmp_path / 'w')
   wider = train_test_utils.tiny_config(
       num_train_steps=4,
@@ -337,6 +357,51 @@ def test_bad_resume_refuses_other_architecture(tmp_path, fake_pipeline):
   with pytest.raises(train_lib.ConfigError, match='another model'):
     train_lib.train_and_evaluate(wider, str(tmp_path / 'w'))
   assert _snapshot(tmp_path / 'w') == before
+
+
+def test_bf16_compute_keeps_float32_parameters():
+  config = train_test_utils.tiny_config(dtype='bfloat16')
+  model = train_lib.model_from_config(config, 10)
+  tx = optax.sgd(0.1)
+  variables = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False))
+  state = train_lib.TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32), params=variables['params'],
+      batch_stats=variables['batch_stats'],
+      opt_state=jax.eval_shape(tx.init, variables['params']))
+  step = train_lib.make_train_step(
+      model, tx, optax.constant_schedule(0.1), num_classes=10,
+      label_smoothing=0.1, ema_decay=0.0, seed=0)
+  batch = {'image': jax.ShapeDtypeStruct((8, 16, 16, 3), jnp.float32),
+           'label': jax.ShapeDtypeStruct((8,), jnp.int32)}
+  new_state, metrics = jax.eval_shape(step, state, batch)
+  dtypes = {x.dtype for x in jax.tree_util.tree_leaves(new_state.params)}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+  assert metrics['train_loss'].dtype == jnp.float32
+  # And the convolutions really run in bfloat16.
+  jaxpr = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(
+      variables, batch['image'])
+  convs = [e for e in jaxpr.jaxpr.eqns
+           if e.primitive.name in ('conv_general_dilated', 'dot_general')]
+  assert convs and all(e.outvars[0].aval.dtype == jnp.bfloat16
+                       for e in convs[:3])
+
+
+@pytest.mark.parametrize('name', ['default', 'ghostnet_100_imagenet',
+                                  'ghostnetv2_100_imagenet',
+                                  'g_ghost_regnetx_032_imagenet'])
+def test_configs_parse_and_validate(name):
+  import importlib  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import registry  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{name}').get_config()
+  for field in train_lib.REQUIRED_FIELDS:
+    assert field in config
+  assert config.num_train_steps > 0 or config.num_epochs > 0
+  if config.model in registry.list_models():
+    train_lib.validate_config(config)
+  else:  # a family merged from another branch
+    with pytest.raises(train_lib.ConfigError, match='Unknown model'):
+      train_lib.validate_config(config)
 
 
 # ------------------------------------------------------------------------------
