@@ -46,7 +46,7 @@ def main(argv):
   if workdir is None:
     workdir = default_workdir(config_flags.get_config_filename(
         flags.FLAGS['config']))
-    print(f'No --workdir given: writing to {os.path.abspath(workdir)}',
+    print(f'No --workdir given: using {os.path.abspath(workdir)}',
           flush=True)
   try:
     train_lib.train_and_evaluate(_CONFIG.value, workdir)

@@ -85,6 +85,33 @@ def restore_converted(path: str | os.PathLike) -> tuple[dict, dict]:
   return dict(restored[VARIABLES]), dict(restored[METADATA])
 
 
+# Orbax warnings that describe intended behaviour here: saves between
+# evaluations carry no metrics (they are kept by the latest-N policy), and
+# managers opened only to read are read-only.
+_EXPECTED_ORBAX_WARNINGS = (
+    'did not provide metrics',
+    'read_only=True, setting save_interval_steps=0',
+    'Given directory is read only',
+)
+
+
+class _DropExpectedOrbaxWarnings:
+  """A logging filter for :data:`_EXPECTED_ORBAX_WARNINGS`."""
+
+  def filter(self, record) -> bool:
+    msg = record.getMessage()
+    return not any(m in msg for m in _EXPECTED_ORBAX_WARNINGS)
+
+
+def quiet_orbax_logs() -> None:
+  """Drops orbax's warnings about behaviour this package asks for."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  logger = absl_logging.get_absl_logger()
+  if not any(isinstance(f, _DropExpectedOrbaxWarnings)
+             for f in logger.filters):
+    logger.addFilter(_DropExpectedOrbaxWarnings())
+
+
 def train_checkpoint_manager(directory: str | os.PathLike, *, keep: int,
                              keep_best: int, async_save: bool = True
                              ) -> ocp.CheckpointManager:
@@ -157,6 +184,7 @@ def restore_workdir(workdir: str | os.PathLike, which: str = 'best',
     ValueError: bad ``which``.
   """
   import ml_collections  # pylint: disable=g-import-not-at-top
+  quiet_orbax_logs()
   workdir = os.path.abspath(os.fspath(workdir))
   ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
   config_path = os.path.join(workdir, CONFIG_NAME)

@@ -32,6 +32,26 @@ FSDP_AXIS = 'fsdp'
 MESH_AXES = (DATA_AXIS, FSDP_AXIS)
 
 
+def check_mesh_shape(mesh_shape: Sequence[int]) -> list[int]:
+  """Checks the form of ``mesh_shape``: two ints > 0, at most one -1.
+
+  Raises:
+    ValueError: naming ``mesh_shape``.
+  """
+  try:
+    shape = [int(s) for s in mesh_shape]
+  except (TypeError, ValueError):
+    raise ValueError(f'mesh_shape must be two ints (data, fsdp); got '
+                     f'{mesh_shape!r}.') from None
+  if len(shape) != 2:
+    raise ValueError(f'mesh_shape must have 2 entries (data, fsdp); got '
+                     f'{tuple(mesh_shape)}.')
+  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+    raise ValueError(f'mesh_shape entries must be positive, with at most one '
+                     f'-1; got {tuple(mesh_shape)}.')
+  return shape
+
+
 def resolve_mesh_shape(mesh_shape: Sequence[int],
                        num_devices: int) -> tuple[int, int]:
   """Replaces one ``-1`` in ``mesh_shape`` and checks it covers the devices.
@@ -39,13 +59,7 @@ def resolve_mesh_shape(mesh_shape: Sequence[int],
   Raises:
     ValueError: naming ``mesh_shape`` when it does not fit ``num_devices``.
   """
-  shape = [int(s) for s in mesh_shape]
-  if len(shape) != 2:
-    raise ValueError(f'mesh_shape must have 2 entries (data, fsdp); got '
-                     f'{tuple(mesh_shape)}.')
-  if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-    raise ValueError(f'mesh_shape entries must be positive, with at most one '
-                     f'-1; got {tuple(mesh_shape)}.')
+  shape = check_mesh_shape(mesh_shape)
   known = math.prod(s for s in shape if s != -1)
   if -1 in shape:
     if num_devices % known:

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import signal
 import time
@@ -60,24 +59,6 @@ from ghostnet_jax import train_logging
 CONFIG_NAME = ckpt_lib.CONFIG_NAME
 FINAL_METRICS_NAME = 'final_metrics.json'
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
-class _DropOrbaxNoise:
-  """Drops orbax's warning on every save made without eval metrics.
-
-  Steps saved between evaluations (and on preemption) carry no top-1 by
-  design; they are kept by the latest-N policy.
-  """
-
-  def filter(self, record) -> bool:
-    return 'did not provide metrics' not in record.getMessage()
-
-
-def _quiet_orbax() -> None:
-  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
-  logger = absl_logging.get_absl_logger()
-  if not any(isinstance(f, _DropOrbaxNoise) for f in logger.filters):
-    logger.addFilter(_DropOrbaxNoise())
 
 
 class ConfigError(ValueError):
@@ -109,6 +90,20 @@ class TrainState:
 
 REQUIRED_FIELDS = ('model', 'dataset', 'batch_size', 'num_train_steps',
                    'checkpoint_every_steps', 'seed')
+# Every field the trainer reads; configs/default.py documents each one.
+FIELDS = REQUIRED_FIELDS + (
+    'model_overrides', 'dtype', 'dropout', 'bn_batch_groups', 'conv_impl',
+    'init_from', 'data_dir', 'train_split', 'eval_split', 'image_size',
+    'eval_crop_fraction', 'interpolation', 'mean', 'std', 'scale', 'ratio',
+    'hflip', 'worker_count', 'eval_batch_size', 'num_epochs', 'optimizer',
+    'learning_rate', 'momentum', 'nesterov', 'rmsprop_decay', 'rmsprop_eps',
+    'schedule', 'warmup_epochs', 'warmup_steps', 'warmup_init_lr', 'end_lr',
+    'step_decay_epochs', 'step_decay_rate', 'weight_decay',
+    'decay_bn_and_bias', 'label_smoothing', 'grad_clip_norm', 'ema_decay',
+    'mesh_shape', 'fsdp_min_size', 'distributed', 'coordinator_address',
+    'num_processes', 'process_id', 'keep_checkpoints',
+    'keep_best_checkpoints', 'async_checkpointing', 'eval_every_steps',
+    'log_every_steps', 'progress_bar')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -121,6 +116,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if name not in config:
       raise ConfigError(f'config.{name} is missing; every config needs '
                         f'{", ".join(REQUIRED_FIELDS)}.')
+  missing = [name for name in FIELDS if name not in config]
+  if missing:
+    raise ConfigError(
+        f'config lacks {", ".join("config." + m for m in missing)}; start a '
+        'config from configs/default.py (default.get_config()) and override '
+        'fields.')
   try:
     registry.get_entry(config.model)
   except ValueError as e:
@@ -186,20 +187,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'config.bn_batch_groups must be -1 (one group per '
                       f'device) or >= 1; got {g!r}.')
   try:
-    shd.resolve_mesh_shape(config.mesh_shape, _mesh_size_hint(config))
+    shd.check_mesh_shape(config.mesh_shape)  # the device count comes later
   except ValueError as e:
-    if -1 not in tuple(config.mesh_shape):
-      pass  # checked against the real device count later
-    else:
-      raise ConfigError(f'config.mesh_shape: {e}') from None
+    raise ConfigError(f'config.mesh_shape: {e}') from None
   if config.init_from and not os.path.isdir(config.init_from):
     raise ConfigError(f'config.init_from: no checkpoint directory at '
                       f'{config.init_from!r}.')
-
-
-def _mesh_size_hint(config) -> int:
-  shape = [int(s) for s in config.mesh_shape]
-  return math.prod(s for s in shape if s > 0) if shape else 1
 
 
 def validate_devices(config: ml_collections.ConfigDict, num_devices: int,
@@ -465,6 +458,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   """
   config = ml_collections.ConfigDict(config)  # a copy we may annotate
   workdir = os.path.abspath(workdir)
+  ckpt_lib.quiet_orbax_logs()
 
   # ----------------------------------------------------------------------------
   # Validation and hosts
@@ -527,6 +521,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   }
   # The last check before compute: a workdir of another model is refused.
   resume_step = check_workdir(workdir, meta)
+  final_path = os.path.join(workdir, FINAL_METRICS_NAME)
+  if (resume_step is not None and resume_step >= total_steps and
+      os.path.exists(final_path)):
+    with open(final_path) as f:
+      final = json.load(f)
+    if is_main:
+      print(f'{workdir} already holds a finished run ({resume_step} of '
+            f'{total_steps} steps): top-1 {_pct(final.get("top1"))}, '
+            f'top-5 {_pct(final.get("top5"))}; see {final_path}. Nothing to '
+            'do; use a new --workdir to train again.', flush=True)
+    return final
   init_variables = None
   if config.init_from and resume_step is None:
     init_variables = _load_init_from(config, model, num_classes)
@@ -572,7 +577,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # ----------------------------------------------------------------------------
   # Checkpoint: resume, or initialise (born sharded)
   # ----------------------------------------------------------------------------
-  _quiet_orbax()
   if is_main:
     os.makedirs(workdir, exist_ok=True)
     _write_json(os.path.join(workdir, CONFIG_NAME), json.loads(
@@ -682,6 +686,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           logger.print(f'Preempted at step {step}: checkpoint saved in '
                        f'{mngr.directory}; rerun the same command to resume.')
           break
+    if not preempted and not last_eval:  # resumed at or past the last step
+      last_eval = {**evaluate(), 'step': start_step}
   finally:
     mngr.wait_until_finished()
     preemption.restore()
@@ -713,10 +719,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     _write_json(os.path.join(workdir, FINAL_METRICS_NAME), final)
     plot = train_logging.plot_metrics(
         logger.csv_path, os.path.join(workdir, train_logging.PLOT_NAME))
+    train_loss = final['train_loss']
     logger.print(
-        f'Final (step {final["step"]}): train loss {final["train_loss"]:.4f}, '
-        f'{config.eval_split} top-1 {100 * final["top1"]:.2f}%, '
-        f'top-5 {100 * final["top5"]:.2f}% on {int(final["eval_examples"])} '
+        f'Final (step {final["step"]}): train loss '
+        f'{"n/a" if train_loss is None else f"{train_loss:.4f}"}, '
+        f'{config.eval_split} top-1 {_pct(final["top1"])}, '
+        f'top-5 {_pct(final["top5"])} on {int(final["eval_examples"] or 0)} '
         f'images.\n'
         f'  checkpoints: {final["checkpoint_dir"]} (best step '
         f'{final["best_step"]})\n'
@@ -724,6 +732,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         f'{logger.csv_path}, {os.path.join(workdir, "tensorboard")}\n'
         f'  plot:        {plot}')
   return final
+
+
+def _pct(v) -> str:
+  return 'n/a' if v is None else f'{100 * v:.2f}%'
 
 
 def _eval_variables_sharding(state_sharding: TrainState) -> dict:

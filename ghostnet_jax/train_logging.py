@@ -144,7 +144,8 @@ def plot_metrics(csv_path: str, png_path: str) -> str:
     return [p[0] for p in pts], [p[1] for p in pts]
 
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-  panels = (('loss', ('train_loss', 'eval_loss')),
+  panels = (('loss (train: augmented, label-smoothed)',
+             ('train_loss', 'eval_loss')),
             ('top-1 (%)', ('train_top1', 'eval_top1', 'eval_top5')),
             ('learning rate', ('learning_rate',)))
   for ax, (title, names) in zip(axes, panels):

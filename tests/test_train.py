@@ -10,7 +10,6 @@ import os
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -18,12 +17,21 @@ import pytest
 
 import fake_input
 import train_test_utils
-from train_test_utils import compilation_cache, digits_dir  # noqa: F401  (fixtures)
 from ghostnet_jax import checkpoint as ckpt_lib
 from ghostnet_jax import optim
 from ghostnet_jax import sharding as shd
 from ghostnet_jax import train_lib
 from ghostnet_jax import train_logging
+
+
+@pytest.fixture(scope='session')
+def digits_dir(tmp_path_factory):
+  return train_test_utils.digits_dir(tmp_path_factory)
+
+
+@pytest.fixture(scope='session')
+def compilation_cache(tmp_path_factory):
+  return train_test_utils.compilation_cache(tmp_path_factory)
 
 
 @pytest.fixture
@@ -172,12 +180,27 @@ def test_resolve_mesh_shape():
     ('dtype', 'float16', 'config.dtype must be one of'),
     ('ema_decay', 1.0, r'config.ema_decay must be in \[0, 1\)'),
     ('bn_batch_groups', 0, 'config.bn_batch_groups must be'),
-    ('mesh_shape', (3, -1, 1), 'config.mesh_shape'),
+    ('mesh_shape', (3, -1, 1), 'config.mesh_shape: mesh_shape must have 2 entries'),
+    ('mesh_shape', (-1, -1), 'config.mesh_shape: mesh_shape entries must be positive'),
     ('init_from', '/nonexistent/ckpt', 'config.init_from'),
 ])
 def test_validate_config_names_the_field(field, value, match):
   config = train_test_utils.tiny_config(**{field: value})
   with pytest.raises(train_lib.ConfigError, match=match):
+    train_lib.validate_config(config)
+
+
+def test_default_config_has_exactly_the_trainer_fields():
+  from configs import default  # pylint: disable=g-import-not-at-top
+  assert set(default.get_config().keys()) == set(train_lib.FIELDS)
+
+
+def test_config_lacking_fields_is_named():
+  config = train_test_utils.tiny_config()
+  del config['rmsprop_eps']
+  del config['hflip']
+  with pytest.raises(train_lib.ConfigError,
+                     match='config lacks config.hflip, config.rmsprop_eps'):
     train_lib.validate_config(config)
 
 
@@ -440,6 +463,15 @@ def test_train_py_end_to_end_and_restore_workdir(tmp_path, digits_dir):
   assert (workdir / 'metrics.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
   config = json.loads((workdir / 'config.json').read_text())
   assert config['model'] == 'ghostnet_050' and config['num_train_steps'] == 6
+
+  # The same command again finds the run finished and changes nothing.
+  before = _snapshot(workdir)
+  again = subprocess.run(cmd, env=train_test_utils.worker_env(),
+                         cwd=train_test_utils.ROOT, capture_output=True,
+                         text=True, timeout=900)
+  assert again.returncode == 0, again.stderr[-5000:]
+  assert 'already holds a finished run (6 of 6 steps)' in again.stdout
+  assert _snapshot(workdir) == before
 
   # What eval.py does: restore the best checkpoint and its config, rebuild
   # model and data, and get the top-1 the trainer reported.

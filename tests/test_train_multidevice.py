@@ -23,12 +23,16 @@ import orbax.checkpoint as ocp
 import pytest
 
 import train_test_utils
-from train_test_utils import digits_dir  # noqa: F401  (fixture)
 from ghostnet_jax import checkpoint as ckpt_lib
 
 pytestmark = pytest.mark.slow
 
 RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(scope='session')
+def digits_dir(tmp_path_factory):
+  return train_test_utils.digits_dir(tmp_path_factory)
 
 
 def _max_diff(a, b):

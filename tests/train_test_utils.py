@@ -9,9 +9,9 @@ import socket
 import subprocess
 import sys
 
-import ml_collections
-import pytest
 import types
+
+import ml_collections
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -84,9 +84,8 @@ def run_worker(spec: dict, timeout: float = 600) -> list[dict]:
   return parse_result(proc.stdout)
 
 
-@pytest.fixture(scope='session')
-def digits_dir(tmp_path_factory):
-  """A tfds data_dir with the digits dataset built once per session."""
+def digits_dir(tmp_path_factory) -> str:
+  """A tfds data_dir with the digits dataset, built once per session."""
   from ghostnet_jax.datasets import digits  # pylint: disable=g-import-not-at-top
   path = tmp_path_factory.getbasetemp() / 'tfds_digits'
   digits.prepare_digits(str(path), image_size=32)  # a no-op once built
@@ -114,7 +113,6 @@ def sigterm_pipeline(base, step_to_stop: int):
       eval_iterator=base.eval_iterator, train_iterator=train_iterator)
 
 
-@pytest.fixture(scope='session')
-def compilation_cache(tmp_path_factory):
-  """A persistent compilation cache shared by the workers of a session."""
+def compilation_cache(tmp_path_factory) -> str:
+  """A persistent compilation cache directory shared by a session's workers."""
   return str(tmp_path_factory.getbasetemp() / 'jax_cache')
