@@ -461,7 +461,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   ckpt_lib.quiet_orbax_logs()
 
   # ----------------------------------------------------------------------------
-  # Validation and hosts
+  # Validation, hosts and mesh
   # ----------------------------------------------------------------------------
   validate_config(config)
   if config.distributed:
@@ -478,6 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   is_main = process_index == 0
   num_devices = jax.device_count()
   mesh_shape = validate_devices(config, num_devices, process_count)
+  mesh = shd.make_mesh(mesh_shape)  # ('data', 'fsdp') over every device
 
   # ----------------------------------------------------------------------------
   # Input: the one place the trainer talks to the input pipeline
@@ -539,9 +540,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   def init_state(rng):
     x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
     variables = model.init(rng, x, train=False)
-    return _make_state(variables['params'], variables['batch_stats'])
+    return make_state(variables['params'], variables['batch_stats'])
 
-  def _make_state(params, batch_stats):
+  def make_state(params, batch_stats):
     ema = None
     if config.ema_decay > 0:
       ema = {'params': params, 'batch_stats': batch_stats}
@@ -550,9 +551,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                       ema=ema)
 
   # ----------------------------------------------------------------------------
-  # Mesh and sharding
+  # Sharding: batch over all devices, state replicated or FSDP over 'fsdp'
   # ----------------------------------------------------------------------------
-  mesh = shd.make_mesh(mesh_shape)
   abstract_state = jax.eval_shape(init_state, jax.random.key(0))
   state_sharding = shd.state_shardings(mesh, abstract_state,
                                        config.fsdp_min_size)
@@ -593,7 +593,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         ckpt_lib.STATE: ocp.args.StandardRestore(abstract_sharded)
     }))[ckpt_lib.STATE]
   elif init_variables is not None:
-    state = jax.jit(_make_state, out_shardings=state_sharding)(
+    state = jax.jit(make_state, out_shardings=state_sharding)(
         *jax.device_put((init_variables['params'],
                          init_variables['batch_stats']),
                         (state_sharding.params, state_sharding.batch_stats)))

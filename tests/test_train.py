@@ -308,6 +308,7 @@ def test_sigterm_sets_the_preemption_flag_and_handler_is_restored():
   assert not train_lib._Preemption(enable=False).requested
 
 
+@pytest.mark.slow
 def test_preempt_at_10_and_resume_to_20_equals_straight_run(
     tmp_path, compilation_cache):
   # EMA, dropout, label smoothing, momentum and a cosine schedule all carry
@@ -349,6 +350,7 @@ def test_preempt_at_10_and_resume_to_20_equals_straight_run(
     assert steps == [int(line.split(',')[0]) for line in f.readlines()[1:]]
 
 
+@pytest.mark.slow
 def test_init_from_converted_then_refuse_other_architecture(tmp_path,
                                                            fake_pipeline):
   # A converted checkpoint of the same (tiny) architecture with 1000 classes.
@@ -432,6 +434,7 @@ def test_configs_parse_and_validate(name):
 # ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_py_end_to_end_and_restore_workdir(tmp_path, digits_dir):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
