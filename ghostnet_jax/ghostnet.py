@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -51,14 +52,39 @@ LAST_CHANNELS = 960
 HEAD_CHANNELS = 1280
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _check_ghost_args(name, out_features, ratio, dw_size,
+                      features_arg='out_features') -> None:
+  """ValueErrors for Ghost module arguments that cannot work."""
+  if not _is_int(out_features) or out_features < 1:
+    raise ValueError(f'{name}: {features_arg} must be an int >= 1, got '
+                     f'{out_features!r}.')
+  if not _is_int(ratio) or ratio < 1:
+    raise ValueError(f'{name}: ratio must be an int >= 1 (1 = no ghost maps, '
+                     f'a plain conv), got {ratio!r}.')
+  if not _is_int(dw_size) or dw_size < 1 or dw_size % 2 == 0:
+    raise ValueError(f'{name}: dw_size must be a positive odd int (the cheap '
+                     f'op keeps the spatial size), got {dw_size!r}.')
+
+
 class GhostModule(nn.Module):
-  """The Ghost module: intrinsic maps by a 1x1 conv, ghosts by a cheap op.
+  """The Ghost module: intrinsic maps by an ordinary conv, ghosts by a cheap op.
 
-  ``(N, H, W, Cin) -> (N, H, W, out_features)``::
+  ``(N, H, W, Cin) -> (N, H / strides, W / strides, out_features)``::
 
-    primary = ReLU(BN(Conv1x1(x)))              # ceil(out / ratio) channels
+    primary = ReLU(BN(Conv_kxk/stride(x)))      # ceil(out / ratio) channels
     cheap   = ReLU(BN(DWConv_dxd(primary)))     # (ratio - 1) x as many
     out     = concat([primary, cheap])[..., :out_features]
+
+  GhostNet uses ``kernel_size=1, strides=1`` (the defaults). As in the paper's
+  Eq. 2, the primary convolution may take the kernel size and stride of the
+  convolution it replaces (Ghost-ResNet-50 uses a 3x3 primary conv with the
+  block's stride); the cheap op then runs at the output resolution. With
+  ``ratio=1`` there are no ghost maps and no cheap op: the module is
+  Conv -> BN (-> ReLU).
 
   Attributes:
     out_features: output channels.
@@ -67,6 +93,11 @@ class GhostModule(nn.Module):
     relu: apply ReLU to both branches (True in ``ghost1``, False in
       ``ghost2``).
     conv: convolution factory; norm: BatchNorm factory.
+    kernel_size: kernel of the primary convolution, int or ``(kh, kw)``.
+    strides: stride of the primary convolution, int or ``(sh, sw)``.
+    padding: padding of the primary convolution in ``Conv2d``'s format;
+      ``None`` is PyTorch's symmetric ``k // 2``. The cheap op always keeps
+      the size.
   """
   out_features: int
   ratio: int = 2
@@ -74,15 +105,23 @@ class GhostModule(nn.Module):
   relu: bool = True
   conv: ModuleDef = Conv2d
   norm: ModuleDef = BatchNorm
+  kernel_size: int | tuple[int, int] = 1
+  strides: int | tuple[int, int] = 1
+  padding: Any = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    _check_ghost_args(self.name, self.out_features, self.ratio, self.dw_size)
     init_channels = math.ceil(self.out_features / self.ratio)
     new_channels = init_channels * (self.ratio - 1)
     act = nn.relu if self.relu else (lambda y: y)
 
-    primary = self.conv(init_channels, 1, name='primary_conv_0')(x)
+    padding = {} if self.padding is None else {'padding': self.padding}
+    primary = self.conv(init_channels, self.kernel_size, strides=self.strides,
+                        name='primary_conv_0', **padding)(x)
     primary = act(self.norm(name='primary_conv_1')(primary, train))
+    if new_channels == 0:
+      return primary
     cheap = self.conv(new_channels, self.dw_size, groups=init_channels,
                       name='cheap_operation_0')(primary)
     cheap = act(self.norm(name='cheap_operation_1')(cheap, train))
@@ -112,7 +151,12 @@ class GhostBottleneck(nn.Module):
     se_ratio: squeeze-excite ratio on the mid channels (0 disables).
     ghost1: factory of the expansion module (``GhostModule``; GhostNetV2
       passes its attention module here).
+    ghost2: factory of the projection module (``GhostModule``; GhostNetV3
+      passes its re-parameterisable module here).
     conv, norm: layer factories.
+
+  Subclasses change the strided depthwise convolution by overriding
+  :meth:`strided_depthwise`.
   """
   mid_features: int
   out_features: int
@@ -120,8 +164,18 @@ class GhostBottleneck(nn.Module):
   stride: int = 1
   se_ratio: float = 0.0
   ghost1: ModuleDef = GhostModule
+  ghost2: ModuleDef = GhostModule
   conv: ModuleDef = Conv2d
   norm: ModuleDef = BatchNorm
+
+  def strided_depthwise(self, y: jax.Array, train: bool) -> jax.Array:
+    """``conv_dw`` -> ``bn_dw``: ``(N, H, W, mid) -> (N, Ho, Wo, mid)``.
+
+    Called from ``__call__`` (inside its compact scope) when stride > 1.
+    """
+    y = self.conv(self.mid_features, self.dw_kernel_size, strides=self.stride,
+                  groups=self.mid_features, name='conv_dw')(y)
+    return self.norm(name='bn_dw')(y, train)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -131,13 +185,11 @@ class GhostBottleneck(nn.Module):
     y = self.ghost1(self.mid_features, relu=True, conv=self.conv,
                     norm=self.norm, name='ghost1')(x, train)
     if s > 1:
-      y = self.conv(self.mid_features, k, strides=s, groups=self.mid_features,
-                    name='conv_dw')(y)
-      y = self.norm(name='bn_dw')(y, train)
+      y = self.strided_depthwise(y, train)
     if self.se_ratio > 0:
       rd = make_divisible(self.mid_features * self.se_ratio, 4)
       y = SqueezeExcite(rd, conv=self.conv, name='se')(y)
-    y = GhostModule(self.out_features, relu=False, conv=self.conv,
+    y = self.ghost2(self.out_features, relu=False, conv=self.conv,
                     norm=self.norm, name='ghost2')(y, train)
 
     if in_features == self.out_features and s == 1:

@@ -55,7 +55,7 @@ def torch_default_kernel_init():
 
 def he_normal_fan_out():
   """``kaiming_normal_(mode='fan_out', nonlinearity='relu')`` (RegNet/ResNet)."""
-  return nn.initializers.variance_scaling(2.0, 'fan_out', 'untruncated_normal')
+  return nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')  # untruncated
 
 
 class Conv2d(nn.Module):

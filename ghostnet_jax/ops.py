@@ -15,7 +15,10 @@ PyTorch does. How the convolution is *computed* is a separate choice, the
 * ``'ffi'``: like ``'xla'``, but depthwise convolutions (forward and both
   gradients) run in the package's compiled CPU kernels
   (:mod:`ghostnet_jax.kernels`) when they are built; otherwise ``'xla'``.
-* ``'auto'`` (the default everywhere): ``'ffi'`` on CPU, ``'lax'`` elsewhere.
+* ``'auto'`` (the default everywhere): ``'ffi'`` on a single CPU device,
+  ``'xla'`` on several CPU devices (the compiled kernels have no partitioning
+  rule, so under a sharded ``jit`` every device would compute the whole batch;
+  inside ``shard_map`` pass ``'ffi'`` explicitly), ``'lax'`` on GPU and TPU.
 
 All lowerings agree to floating-point rounding; ``tests/test_ops.py`` checks
 values and gradients against ``'lax'``.
@@ -43,7 +46,10 @@ def resolve_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f'Unknown conv impl {impl!r}; expected one of {IMPLS}.')
   if impl == 'auto':
-    impl = 'ffi' if jax.default_backend() == 'cpu' else 'lax'
+    if jax.default_backend() != 'cpu':
+      impl = 'lax'
+    else:
+      impl = 'ffi' if jax.local_device_count() == 1 else 'xla'
   if impl == 'ffi':
     from ghostnet_jax import kernels  # pylint: disable=g-import-not-at-top
     if not kernels.is_available():

@@ -2,6 +2,7 @@
 
     python -m ghostnet_jax.summary ghostnet_100 [--image-size 224]
     python -m ghostnet_jax.summary all          # one line per model
+    python -m ghostnet_jax.summary all --markdown   # the README's model table
 """
 
 from __future__ import annotations
@@ -13,6 +14,37 @@ from ghostnet_jax import registry
 from ghostnet_jax.macs import format_summary, summarize
 
 
+def _size(name: str, image_size: int, **kwargs) -> tuple[int, int]:
+  rows = summarize(name, image_size, **kwargs)
+  return sum(r['params'] for r in rows), sum(r['macs'] for r in rows)
+
+
+def markdown_table(image_size: int = 224) -> str:
+  """One row per registered model: family, params, MACs, paper top-1,
+  official weight file. Re-parameterisable models show training / deploy."""
+  lines = ['| model | family | params | MACs | paper top-1 | official weights |',
+           '|---|---|---:|---:|---:|---|']
+  order = ('ghostnet', 'ghostnetv2', 'ghostnetv3', 'g_ghost', 'ghost_resnet')
+  names = sorted(registry.list_models(), key=lambda n: (
+      order.index(f) if (f := registry.get_entry(n).family) in order
+      else len(order), n))
+  for name in names:
+    entry = registry.get_entry(name)
+    params, macs = _size(name, image_size)
+    p_txt, m_txt = f'{params:,}', f'{macs / 1e6:.1f}M'
+    try:
+      d_params, d_macs = _size(name, image_size, deploy=True)
+      p_txt = f'{p_txt} / {d_params:,}'
+      m_txt = f'{m_txt} / {d_macs / 1e6:.1f}M'
+    except TypeError:
+      pass  # No deploy form.
+    top1 = f'{entry.paper_top1:.1f}' if entry.paper_top1 else '-'
+    weights = f'`{entry.weights}`' if entry.weights else '-'
+    lines.append(f'| `{name}` | {entry.family} | {p_txt} | {m_txt} | {top1} '
+                 f'| {weights} |')
+  return '\n'.join(lines)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       prog='python -m ghostnet_jax.summary',
@@ -21,8 +53,14 @@ def main(argv=None) -> int:
                       ' (`all` for one line per model)')
   parser.add_argument('--image-size', type=int, default=224)
   parser.add_argument('--num-classes', type=int, default=1000)
+  parser.add_argument('--markdown', action='store_true',
+                      help='with `all`: a Markdown table with paper top-1 '
+                      'and official weights')
   args = parser.parse_args(argv)
   try:
+    if args.model == 'all' and args.markdown:
+      print(markdown_table(args.image_size))
+      return 0
     if args.model == 'all':
       for name in registry.list_models():
         rows = summarize(name, args.image_size, num_classes=args.num_classes)

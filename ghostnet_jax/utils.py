@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -25,7 +26,13 @@ def init_variables(model: nn.Module, rng: jax.Array | int = 0,
     rng = jax.random.key(rng)
   x = jnp.zeros((batch_size, image_size, image_size,
                  getattr(model, 'in_chans', 3)), jnp.float32)
-  variables = jax.jit(lambda r, x: model.init(r, x, train=False))(rng, x)
+  init = jax.jit(lambda r, x: model.init(r, x, train=False))
+  # Initialisation runs once: on the CPU, XLA's backend optimisation level 0
+  # compiles it several times faster (the random number generation of a few
+  # hundred initialisers dominates) and the result is the same.
+  options = ({'xla_backend_optimization_level': 0}
+             if jax.default_backend() == 'cpu' else None)
+  variables = init.lower(rng, x).compile(compiler_options=options)(rng, x)
   return dict(variables)
 
 
@@ -46,21 +53,29 @@ def extract_features(model: nn.Module, variables: dict, images: jax.Array,
                      train: bool = False) -> dict[str, jax.Array]:
   """Intermediate feature maps for detection or segmentation heads.
 
+  Compiled with ``jax.jit`` once per model, mode and input shape.
+
   Args:
     model: a module from :func:`ghostnet_jax.create_model`.
     variables: its variables.
     images: ``(N, H, W, 3)`` float images.
-    train: BatchNorm in training mode (then ``batch_stats`` are not updated
-      here; use ``model.apply(..., mutable=[...])`` directly for that).
+    train: BatchNorm on batch statistics (the updated statistics are not
+      returned; use ``model.apply(..., mutable=['batch_stats',
+      'intermediates'])`` directly for that).
 
   Returns:
     A dict ``{'stride_2': (N, H/2, W/2, C2), 'stride_4': ..., 'stride_8': ...,
     'stride_16': ..., 'stride_32': ..., 'pre_logits': (N, D)}`` (the keys a
     model records; every family records the strides it has).
   """
+  return _extract_features(model, variables, images, train)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _extract_features(model, variables, images, train):
   mutable = ['intermediates'] + (['batch_stats'] if train else [])
   rngs = {'dropout': jax.random.key(0)} if train else None
   _, state = model.apply(variables, images, train=train, mutable=mutable,
                          rngs=rngs)
-  inter = state['intermediates']
-  return {k: v for k, v in inter.items() if not isinstance(v, dict)}
+  return {k: v for k, v in state['intermediates'].items()
+          if not isinstance(v, dict)}
