@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2               # latest N kept ...
   c.keep_best_checkpoints = 1          # ... plus best N by eval top-1
   c.async_checkpointing = True
-  c.eval_every_steps = 250             # 0: only at the end
+  c.eval_every_steps = 250             # 0: only at the end; -1: never
   c.log_every_steps = 50               # stdout/CSV/TensorBoard; each log syncs the host
   c.progress_bar = True
   return c

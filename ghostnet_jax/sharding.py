@@ -9,8 +9,12 @@ axes ``('data', 'fsdp')``:
   over ``'data'`` and, when ``'fsdp'`` has more than one device, sharded over
   it FSDP-style: each array is split along its largest dimension divisible by
   the ``'fsdp'`` size (arrays smaller than ``min_size`` elements, or with no
-  divisible dimension, stay replicated). XLA inserts the all-gathers and
-  reduce-scatters.
+  divisible dimension, stay replicated). The step all-gathers them for the
+  forward and backward pass (a sharding constraint to replicated), so every
+  convolution is partitioned along the batch only; gradients are sliced back
+  to the stored layout for the optimizer update. (Left to itself, XLA's SPMD
+  partitioner may try to split grouped convolutions along their sharded
+  kernel, which crashes on G-Ghost's grouped 3x3 convolutions.)
 
 ``mesh_shape=(-1, 1)`` is plain data parallelism; ``(-1, 8)`` shards the
 state over groups of 8 devices (e.g. one host of 8 GPUs), which lets the big

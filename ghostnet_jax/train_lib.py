@@ -32,6 +32,7 @@ field, and nothing already in the workdir is touched.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -140,7 +141,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     positive(name)
   for name in ('weight_decay', 'label_smoothing', 'grad_clip_norm',
                'ema_decay', 'warmup_steps', 'warmup_epochs', 'warmup_init_lr',
-               'end_lr', 'momentum', 'eval_every_steps', 'dropout',
+               'end_lr', 'momentum', 'dropout',
                'keep_checkpoints', 'keep_best_checkpoints'):
     positive(name, allow_zero=True)
   for name in ('batch_size', 'eval_batch_size', 'checkpoint_every_steps',
@@ -154,6 +155,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'config.num_train_steps must be > 0 (or config.num_epochs > 0); got '
         f'num_train_steps={config.num_train_steps}, '
         f'num_epochs={config.get("num_epochs")}.')
+  if not isinstance(config.eval_every_steps, int) or config.eval_every_steps < -1:
+    raise ConfigError(f'config.eval_every_steps must be an int >= -1 (0: at '
+                      f'the end only, -1: never); got '
+                      f'{config.eval_every_steps!r}.')
   if config.keep_checkpoints < 1:
     raise ConfigError('config.keep_checkpoints must be >= 1 (resume needs '
                       'the latest checkpoint).')
@@ -335,11 +340,16 @@ def topk_correct(logits: jax.Array, labels: jax.Array,
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, num_classes: int,
                     label_smoothing: float, ema_decay: float,
-                    seed: int) -> Callable:
+                    seed: int, gather: Callable = lambda t: t) -> Callable:
   """The update ``(state, batch) -> (state, metrics)`` over a global batch.
 
   Dropout keys are ``fold_in(key(seed), step)``: a step's randomness depends
   only on the seed and the step, whatever the sharding, and resumes exactly.
+
+  ``gather`` maps the stored variables to the ones the model computes with;
+  under FSDP it all-gathers them (``with_sharding_constraint`` to replicated)
+  so every convolution is partitioned along the batch only, as in data
+  parallelism, while parameters and optimizer state stay stored sharded.
   """
 
   def step_fn(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -347,7 +357,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
     def loss_fn(params):
       logits, new_vars = model.apply(
-          {'params': params, 'batch_stats': state.batch_stats},
+          gather({'params': params, 'batch_stats': state.batch_stats}),
           batch['image'], train=True, mutable=['batch_stats'],
           rngs={'dropout': rng})
       loss = cross_entropy(logits, batch['label'], num_classes,
@@ -377,14 +387,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return step_fn
 
 
-def make_eval_step(model: nn.Module, num_classes: int) -> Callable:
+def make_eval_step(model: nn.Module, num_classes: int,
+                   gather: Callable = lambda t: t) -> Callable:
   """``(variables, batch) -> sums`` of loss, top-1, top-5 and examples.
 
   ``batch['mask']`` is 0 on padding examples, which then count nowhere.
+  ``gather`` as in :func:`make_train_step`.
   """
 
   def eval_fn(variables: dict, batch: dict) -> dict:
-    logits = model.apply(variables, batch['image'], train=False)
+    logits = model.apply(gather(variables), batch['image'], train=False)
     mask = batch['mask'].astype(jnp.float32)
     loss = cross_entropy(logits, batch['label'], num_classes)
     hits = topk_correct(logits, batch['label'], (1, 5))
@@ -490,6 +502,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                     else round(config.num_epochs * steps_per_epoch))
   warmup_steps = int(config.warmup_steps or
                      round(config.warmup_epochs * steps_per_epoch))
+  do_eval = config.eval_every_steps >= 0
   eval_every = config.eval_every_steps or total_steps
 
   # ----------------------------------------------------------------------------
@@ -562,15 +575,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # ----------------------------------------------------------------------------
   # Step
   # ----------------------------------------------------------------------------
+  gather = functools.partial(jax.lax.with_sharding_constraint,
+                             shardings=replicated)
   train_step = jax.jit(
       make_train_step(model, tx, schedule, num_classes=num_classes,
                       label_smoothing=config.label_smoothing,
-                      ema_decay=config.ema_decay, seed=config.seed),
+                      ema_decay=config.ema_decay, seed=config.seed,
+                      gather=gather),
       in_shardings=(state_sharding, batch_sharding),
       out_shardings=(state_sharding, replicated),
       donate_argnums=(0,))
   eval_step = jax.jit(
-      make_eval_step(model, num_classes),
+      make_eval_step(model, num_classes, gather),
       in_shardings=(_eval_variables_sharding(state_sharding), batch_sharding),
       out_shardings=replicated)
 
@@ -669,7 +685,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           window_start, window_steps = time.perf_counter(), 0
 
         eval_metrics = None
-        if step % eval_every == 0 or step == total_steps:
+        if do_eval and (step % eval_every == 0 or step == total_steps):
           eval_metrics = evaluate()
           last_eval = {**eval_metrics, 'step': step}
           logger.write(step, {k: v for k, v in eval_metrics.items()
@@ -686,7 +702,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           logger.print(f'Preempted at step {step}: checkpoint saved in '
                        f'{mngr.directory}; rerun the same command to resume.')
           break
-    if not preempted and not last_eval:  # resumed at or past the last step
+    if do_eval and not preempted and not last_eval:  # resumed past the end
       last_eval = {**evaluate(), 'step': start_step}
   finally:
     mngr.wait_until_finished()
