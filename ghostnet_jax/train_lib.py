@@ -673,7 +673,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
           last_train['img_per_sec'] = (window_steps * config.batch_size
                                        / elapsed)
           last_train['epoch'] = step / steps_per_epoch
-          logger.write(step, last_train, echo=False)
+          # With a progress bar the numbers go to its postfix; without one
+          # (batch jobs, logs), one line per log step.
+          logger.write(step, last_train, echo=not config.progress_bar)
           logger.update(0, loss=last_train['train_loss'],
                         lr=last_train['learning_rate'],
                         img_s=last_train['img_per_sec'])
