@@ -2,6 +2,7 @@
 
 from ghostnet_jax import ghostnet  # noqa: F401  (registers the models)
 from ghostnet_jax import ghost_resnet  # noqa: F401
+from ghostnet_jax.class_names import imagenet_classes, imagenet_synsets
 from ghostnet_jax.ghost_layers import GhostConv
 from ghostnet_jax.layers import make_divisible
 from ghostnet_jax.registry import (create_model, get_eval_config, list_models,
@@ -13,5 +14,6 @@ __version__ = '0.1.0'
 
 __all__ = [
     'GhostConv', 'count_macs', 'count_params', 'create_model', 'extract_features', 'get_eval_config',
-    'init_variables', 'list_models', 'make_divisible', 'register_model',
+    'imagenet_classes', 'imagenet_synsets', 'init_variables', 'list_models',
+    'make_divisible', 'register_model',
 ]
