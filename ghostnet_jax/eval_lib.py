@@ -299,21 +299,78 @@ def _load_converted(path: str, model: str | None,
       metadata=dict(metadata))
 
 
+# ---------------------------------------------------------------- workdirs
+# Everything eval knows about train.py's workdir layout is in this section.
+
+WORKDIR_CONFIG = 'config.json'
+WORKDIR_CHECKPOINTS = 'checkpoints'
+
+
 def is_workdir(path: str) -> bool:
   """Whether ``path`` looks like a ``train.py`` workdir."""
   return (os.path.isdir(path)
-          and os.path.exists(os.path.join(path, 'config.json'))
-          and os.path.isdir(os.path.join(path, 'checkpoints')))
+          and os.path.exists(os.path.join(path, WORKDIR_CONFIG))
+          and os.path.isdir(os.path.join(path, WORKDIR_CHECKPOINTS)))
+
+
+def _workdir_dataset(config, meta: Mapping) -> str:
+  """The tfds name of a run's dataset (``'digits'`` is the bundled one)."""
+  dataset = meta.get('dataset') or config.get('dataset')
+  if dataset == 'digits':
+    from ghostnet_jax.datasets import DIGITS_NAME  # pylint: disable=g-import-not-at-top
+    dataset = f'{DIGITS_NAME}/32'
+  return dataset
 
 
 def _load_workdir(path: str, model: str | None, ema: bool | None,
                   which: str | int) -> LoadedCheckpoint:
-  """A train.py workdir; everything about the trainer's layout lives here."""
+  """A train.py workdir: variables, and the run's model, data and
+  preprocessing from its config."""
   restore = getattr(ckpt_lib, 'restore_workdir', None)
   if restore is None:
     raise EvalError(f'{path} is a train.py workdir, but this version of '
-                    'ghostnet_jax cannot restore workdirs yet.')
-  raise EvalError('workdir restore: not wired up yet.')  # See branch train.
+                    'ghostnet_jax cannot restore workdirs.')
+  restored = restore(path, which=which)
+  config, meta = restored['config'], dict(restored.get('meta') or {})
+  run_model = meta.get('model') or config.get('model')
+  if model is not None and model != run_model:
+    raise EvalError(f'{path} is a {run_model} run, but --model {model} was '
+                    'given; leave --model out for a workdir.')
+  model = run_model
+  registry.get_entry(model)
+  ema_variables = restored.get('ema_variables')
+  if ema is True and ema_variables is None:
+    raise EvalError(f'EMA weights requested, but the run in {path} kept no '
+                    'EMA (config.ema_decay was 0).')
+  use_ema = ema_variables is not None and ema is not False
+  variables = ema_variables if use_ema else restored['variables']
+  num_classes = int(meta.get('num_classes') or config.get('num_classes'))
+  kwargs = dict(config.get('model_overrides') or {})
+  if config.get('dtype'):
+    kwargs['dtype'] = _dtype(config.get('dtype'))
+  if config.get('conv_impl'):
+    kwargs['conv_impl'] = config.get('conv_impl')
+  check_variables(variables, model, num_classes, source=path,
+                  **dict((k, v) for k, v in kwargs.items() if k != 'dtype'))
+  defaults = registry.get_eval_config(model)
+  eval_config = registry.EvalConfig(
+      input_size=int(config.get('image_size') or defaults.input_size),
+      crop_fraction=float(config.get('eval_crop_fraction')
+                          or defaults.crop_fraction),
+      interpolation=config.get('interpolation') or defaults.interpolation,
+      mean=tuple(config.get('mean') or defaults.mean),
+      std=tuple(config.get('std') or defaults.std))
+  names = meta.get('class_names')
+  data_dir = config.get('data_dir') or None
+  return LoadedCheckpoint(
+      kind='workdir', path=path, model=model, num_classes=num_classes,
+      variables=variables, ema=use_ema, model_kwargs=kwargs,
+      class_names=tuple(str(n) for n in names) if names else None,
+      dataset=_workdir_dataset(config, meta),
+      split=config.get('eval_split') or None,
+      data_dir=os.fspath(data_dir) if data_dir else None,
+      eval_config=eval_config, step=restored.get('step'),
+      run_metrics=restored.get('metrics'), metadata=meta)
 
 
 def load_checkpoint(path: str | os.PathLike, *, model: str | None = None,
@@ -428,7 +485,10 @@ def _global_array(local: np.ndarray, mesh: Mesh) -> jax.Array:
 
 
 def _to_host(x: jax.Array) -> np.ndarray:
-  if jax.process_count() > 1 and not x.is_fully_addressable:
+  """The whole value of ``x`` on this host (gathered across processes)."""
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  if not x.is_fully_addressable:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
   return np.asarray(x)
@@ -472,7 +532,7 @@ def evaluate_model(model, variables: Mapping, *, dataset: str, split: str,
                    num_classes: int, batch_size: int = DEFAULT_BATCH_SIZE,
                    mesh: Mesh | None = None, progress: bool = True,
                    return_logits: bool = False, worker_count: int = 0,
-                   image_key: str | None = None,
+                   num_threads: int = 8, image_key: str | None = None,
                    label_key: str | None = None) -> dict:
   """One pass of ``model`` over a tfds split, sharded over ``mesh``.
 
@@ -490,6 +550,7 @@ def evaluate_model(model, variables: Mapping, *, dataset: str, split: str,
       ``'labels'`` ``(N,)`` numpy arrays of the real (unpadded) examples, in
       split order.
     worker_count: grain worker processes for decoding and preprocessing.
+    num_threads: threads decoding and preprocessing (in each process).
     image_key, label_key: feature keys (defaults: ``'image'``, ``'label'``).
 
   Returns:
@@ -515,7 +576,7 @@ def evaluate_model(model, variables: Mapping, *, dataset: str, split: str,
       crop_fraction=eval_config.crop_fraction,
       interpolation=eval_config.interpolation, mean=eval_config.mean,
       std=eval_config.std, worker_count=worker_count,
-      image_key=info.image_key, label_key=info.label_key)
+      num_threads=num_threads, image_key=info.image_key, label_key=info.label_key)
   num_batches = len(it)
 
   step = _make_eval_step(model, mesh)
@@ -600,7 +661,7 @@ def evaluate(checkpoint: str | os.PathLike | LoadedCheckpoint, *,
              which: str | int = 'best', dtype: str | None = None,
              allow_pickle: bool = False, progress: bool = True,
              return_logits: bool = False, worker_count: int = 0,
-             mesh: Mesh | None = None) -> dict:
+             num_threads: int = 8, mesh: Mesh | None = None) -> dict:
   """Evaluates a checkpoint on a tfds split; the ``results.json`` dict.
 
   Args:
@@ -608,7 +669,8 @@ def evaluate(checkpoint: str | os.PathLike | LoadedCheckpoint, *,
     model, ema, which, allow_pickle: see :func:`load_checkpoint`.
     dataset: tfds name; default: a workdir's dataset, else
       ``'imagenet2012'``.
-    split: default: a workdir's evaluation split, else ``'validation'``.
+    split: default: a workdir's evaluation split, else ``'validation'`` or,
+      for datasets without one, ``'test'``.
     data_dir: tfds data directory; default: a workdir's, else tfds's.
     preprocess, image_size, crop_fraction: see :func:`resolve_preprocessing`.
     batch_size: global batch (rounded up to a multiple of the devices).
@@ -617,6 +679,7 @@ def evaluate(checkpoint: str | os.PathLike | LoadedCheckpoint, *,
     progress: tqdm progress bar.
     return_logits: also return the logits and labels (numpy; not JSON).
     worker_count: grain worker processes.
+    num_threads: decoding threads per process.
     mesh: default: every device.
 
   Returns:
@@ -632,18 +695,22 @@ def evaluate(checkpoint: str | os.PathLike | LoadedCheckpoint, *,
   name, config = resolve_preprocessing(loaded, preprocess, image_size,
                                        crop_fraction)
   dataset = dataset or loaded.dataset or 'imagenet2012'
-  if split is None:
-    split = loaded.split if loaded.split and dataset == loaded.dataset \
-        else 'validation'
   if data_dir is None and dataset == loaded.dataset:
     data_dir = loaded.data_dir
   data_dir = os.path.expanduser(data_dir) if data_dir else None
+  if split is None:
+    if loaded.split and dataset == loaded.dataset:
+      split = loaded.split
+    else:
+      from ghostnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+      split = input_pipeline.get_dataset_info(dataset, data_dir).eval_split
   net = loaded.create_model(dtype=_dtype(dtype))
   metrics = evaluate_model(
       net, loaded.variables, dataset=dataset, split=split, data_dir=data_dir,
       eval_config=config, num_classes=loaded.num_classes,
       batch_size=batch_size, mesh=mesh, progress=progress,
-      return_logits=return_logits, worker_count=worker_count)
+      return_logits=return_logits, worker_count=worker_count,
+      num_threads=num_threads)
   results = {
       'top1': metrics.pop('top1'),
       'top5': metrics.pop('top5'),
@@ -944,7 +1011,7 @@ def build_parser() -> argparse.ArgumentParser:
                  'imagenet2012); with --images, its class names are used')
   p.add_argument('--split', default=None,
                  help="tfds split (default: a workdir's eval split, else "
-                 'validation)')
+                 'validation, or test if there is none)')
   p.add_argument('--data_dir', '--data-dir', default=None,
                  help="tfds data directory (default: a workdir's, else "
                  "tfds's default)")
@@ -976,7 +1043,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--output', default=None,
                  help='write the results as JSON to this file')
   p.add_argument('--worker_count', '--worker-count', type=int, default=0,
-                 help='grain worker processes for decoding')
+                 help='grain worker processes for decoding (per host)')
+  p.add_argument('--num_threads', '--num-threads', type=int, default=8,
+                 help='decoding threads (per host)')
   p.add_argument('--allow_pickle', '--allow-pickle', action='store_true',
                  help='let torch.load unpickle arbitrary objects (trusted '
                  'files only)')
@@ -1062,7 +1131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         image_size=args.image_size, crop_fraction=args.crop_fraction,
         batch_size=args.batch_size, ema=args.ema, which=args.which,
         dtype=args.dtype, allow_pickle=args.allow_pickle,
-        progress=not args.no_progress, worker_count=args.worker_count)
+        progress=not args.no_progress, worker_count=args.worker_count,
+        num_threads=args.num_threads)
     if is_main:
       _print_summary(results)
       if args.output:

@@ -183,6 +183,7 @@ import tensorflow_datasets as tfds
 sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
 import eval_mock_data
 from ghostnet_jax import eval_lib
+import jax
 assert jax.device_count() == 4, jax.devices()
 with eval_mock_data.mock():
   r = eval_lib.evaluate({small_pth!r}, model='ghostnet_050',
@@ -216,9 +217,10 @@ def test_digits_end_to_end_through_a_converted_checkpoint(
                        '--torch-checkpoint', small_pth,
                        '--output', str(converted)]) == 0
   out_json = tmp_path / 'digits.json'
+  # No --split: digits has no validation split, so its test split is used.
   rc, out, err = _run(['--checkpoint', converted, '--dataset',
-                       'ghostnet_digits/32', '--split', 'test', '--data_dir',
-                       digits_dir, '--output', out_json] + SMALL, capsys)
+                       'ghostnet_digits/32', '--data_dir', digits_dir,
+                       '--output', out_json] + SMALL, capsys)
   assert rc == 0, err
   r = json.loads(out_json.read_text())
   for key in ('top1', 'top5', 'num_examples', 'model', 'checkpoint', 'dataset',
@@ -393,6 +395,24 @@ def test_converted_directory_classifies_the_same(image_run, big_pth,
       image_run['json']['predictions'])
   np.testing.assert_array_equal(result['logits'],
                                 image_run['library']['logits'])
+
+
+def test_images_with_a_small_head_use_dataset_names_or_indices(
+    small_pth, digits_dir, image_files, capsys):
+  photo = image_files['chelsea.png']
+  rc, out, err = _run(['--checkpoint', small_pth, '--images', photo,
+                       '--image_size', '32', '--top_k', '3'], capsys)
+  assert rc == 0, err
+  assert out.count('  1. ') == 1 and '  3. ' in out and '  4. ' not in out
+  assert 'class ' in out and '(' not in out  # Indices: no names known.
+  indices = [int(line.split('class ')[1]) for line in out.splitlines()[1:]]
+  rc, out, err = _run(['--checkpoint', small_pth, '--images', photo,
+                       '--image_size', '32', '--top_k', '3', '--dataset',
+                       'ghostnet_digits/32', '--data_dir', digits_dir], capsys)
+  assert rc == 0, err
+  # The digits' class names are '0'...'9': 'NAME (INDEX)'.
+  assert [line.split('%  ')[1] for line in out.splitlines()[1:]] == [
+      f'{i} ({i})' for i in indices]
 
 
 def test_load_image_modes(tmp_path):
