@@ -100,6 +100,7 @@ class LoadedCheckpoint:
     step: a workdir's training step.
     run_metrics: a workdir checkpoint's metrics recorded by the trainer.
     metadata: anything else the checkpoint recorded.
+    batch_size: a workdir's evaluation batch size.
   """
   kind: str
   path: str
@@ -116,6 +117,7 @@ class LoadedCheckpoint:
   step: int | None = None
   run_metrics: dict | None = None
   metadata: dict = dataclasses.field(default_factory=dict)
+  batch_size: int | None = None
 
   def create_model(self, dtype: Any = None):
     """The Flax module these variables belong to."""
@@ -313,6 +315,15 @@ def is_workdir(path: str) -> bool:
           and os.path.isdir(os.path.join(path, WORKDIR_CHECKPOINTS)))
 
 
+def _freeze(value):
+  """JSON values -> hashable ones (lists to tuples), for module fields."""
+  if isinstance(value, Mapping):
+    return {k: _freeze(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(_freeze(v) for v in value)
+  return value
+
+
 def _workdir_dataset(config, meta: Mapping) -> str:
   """The tfds name of a run's dataset (``'digits'`` is the bundled one)."""
   dataset = meta.get('dataset') or config.get('dataset')
@@ -345,7 +356,10 @@ def _load_workdir(path: str, model: str | None, ema: bool | None,
   use_ema = ema_variables is not None and ema is not False
   variables = ema_variables if use_ema else restored['variables']
   num_classes = int(meta.get('num_classes') or config.get('num_classes'))
-  kwargs = dict(config.get('model_overrides') or {})
+  overrides = config.get('model_overrides') or {}
+  if hasattr(overrides, 'to_dict'):
+    overrides = overrides.to_dict()
+  kwargs = _freeze(dict(overrides))
   if config.get('dtype'):
     kwargs['dtype'] = _dtype(config.get('dtype'))
   if config.get('conv_impl'):
@@ -370,7 +384,8 @@ def _load_workdir(path: str, model: str | None, ema: bool | None,
       split=config.get('eval_split') or None,
       data_dir=os.fspath(data_dir) if data_dir else None,
       eval_config=eval_config, step=restored.get('step'),
-      run_metrics=restored.get('metrics'), metadata=meta)
+      run_metrics=restored.get('metrics'), metadata=meta,
+      batch_size=config.get('eval_batch_size') or None)
 
 
 def load_checkpoint(path: str | os.PathLike, *, model: str | None = None,
@@ -550,7 +565,8 @@ def evaluate_model(model, variables: Mapping, *, dataset: str, split: str,
       ``'labels'`` ``(N,)`` numpy arrays of the real (unpadded) examples, in
       split order.
     worker_count: grain worker processes for decoding and preprocessing.
-    num_threads: threads decoding and preprocessing (in each process).
+    num_threads: threads decoding and preprocessing (in each process), each
+      preparing a whole local batch; as many batches are buffered.
     image_key, label_key: feature keys (defaults: ``'image'``, ``'label'``).
 
   Returns:
@@ -576,7 +592,8 @@ def evaluate_model(model, variables: Mapping, *, dataset: str, split: str,
       crop_fraction=eval_config.crop_fraction,
       interpolation=eval_config.interpolation, mean=eval_config.mean,
       std=eval_config.std, worker_count=worker_count,
-      num_threads=num_threads, image_key=info.image_key, label_key=info.label_key)
+      num_threads=num_threads, prefetch_batches=max(2, num_threads),
+      image_key=info.image_key, label_key=info.label_key)
   num_batches = len(it)
 
   step = _make_eval_step(model, mesh)
@@ -657,7 +674,7 @@ def evaluate(checkpoint: str | os.PathLike | LoadedCheckpoint, *,
              split: str | None = None, data_dir: str | None = None,
              preprocess: str | None = None, image_size: int | None = None,
              crop_fraction: float | None = None,
-             batch_size: int = DEFAULT_BATCH_SIZE, ema: bool | None = None,
+             batch_size: int | None = None, ema: bool | None = None,
              which: str | int = 'best', dtype: str | None = None,
              allow_pickle: bool = False, progress: bool = True,
              return_logits: bool = False, worker_count: int = 0,
@@ -673,7 +690,8 @@ def evaluate(checkpoint: str | os.PathLike | LoadedCheckpoint, *,
       for datasets without one, ``'test'``.
     data_dir: tfds data directory; default: a workdir's, else tfds's.
     preprocess, image_size, crop_fraction: see :func:`resolve_preprocessing`.
-    batch_size: global batch (rounded up to a multiple of the devices).
+    batch_size: global batch (rounded up to a multiple of the devices);
+      default: a workdir's eval batch size, else 256.
     dtype: computation dtype (``'float32'``, ``'bfloat16'``); default: a
       workdir's, else float32.
     progress: tqdm progress bar.
@@ -708,7 +726,8 @@ def evaluate(checkpoint: str | os.PathLike | LoadedCheckpoint, *,
   metrics = evaluate_model(
       net, loaded.variables, dataset=dataset, split=split, data_dir=data_dir,
       eval_config=config, num_classes=loaded.num_classes,
-      batch_size=batch_size, mesh=mesh, progress=progress,
+      batch_size=batch_size or loaded.batch_size or DEFAULT_BATCH_SIZE,
+      mesh=mesh, progress=progress,
       return_logits=return_logits, worker_count=worker_count,
       num_threads=num_threads)
   results = {
@@ -729,6 +748,8 @@ def evaluate(checkpoint: str | os.PathLike | LoadedCheckpoint, *,
   }
   if loaded.step is not None:
     results['step'] = loaded.step
+  if loaded.run_metrics:
+    results['checkpoint_metrics'] = dict(loaded.run_metrics)
   results.update(metrics)
   return results
 
@@ -1024,9 +1045,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help='override the input size')
   p.add_argument('--crop_fraction', '--crop-fraction', type=float,
                  default=None, help='override the center-crop fraction')
-  p.add_argument('--batch_size', '--batch-size', type=int,
-                 default=DEFAULT_BATCH_SIZE,
-                 help='global batch, rounded up to a multiple of the devices')
+  p.add_argument('--batch_size', '--batch-size', type=int, default=None,
+                 help="global batch, rounded up to a multiple of the devices "
+                 f"(default: a workdir's eval batch, else {DEFAULT_BATCH_SIZE}"
+                 '; 64 for --images)')
   group = p.add_mutually_exclusive_group()
   group.add_argument('--ema', dest='ema', action='store_true', default=None,
                      help='require and use EMA weights')
@@ -1112,7 +1134,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           args.checkpoint, args.images, model=args.model,
           preprocess=args.preprocess, image_size=args.image_size,
           crop_fraction=args.crop_fraction, ema=args.ema, which=args.which,
-          top_k=args.top_k, batch_size=args.batch_size, dataset=args.dataset,
+          top_k=args.top_k, batch_size=args.batch_size or 64,
+          dataset=args.dataset,
           data_dir=args.data_dir, dtype=args.dtype,
           allow_pickle=args.allow_pickle)
       if is_main:

@@ -174,33 +174,27 @@ def test_cli_matches_the_library(mock_run, small_pth, tmp_path, capsys):
   assert 'top-1' in out and f'{N_MOCK} examples' in out
 
 
-def test_sharded_over_several_devices(small_pth, mock_run, tmp_path):
-  """4 CPU devices, batch 6 -> 8: the same counts as one device."""
-  script = tmp_path / 'sharded.py'
-  script.write_text(f'''
-import json, sys
-import tensorflow_datasets as tfds
-sys.path.insert(0, {os.path.join(ROOT, 'tests')!r})
-import eval_mock_data
-from ghostnet_jax import eval_lib
-import jax
-assert jax.device_count() == 4, jax.devices()
-with eval_mock_data.mock():
-  r = eval_lib.evaluate({small_pth!r}, model='ghostnet_050',
-                        dataset='ghostnet_eval_mock',
-                        image_size=32, crop_fraction=1.0, batch_size=6,
-                        progress=False)
-print(json.dumps(r))
-''')
+def test_sharded_over_several_devices():
+  """4 CPU devices with batch 6 -> 8 count what 1 device with batch 6 does."""
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT,
              XLA_FLAGS='--xla_force_host_platform_device_count=4')
-  run = subprocess.run([sys.executable, str(script)], capture_output=True,
-                       text=True, env=env, cwd=ROOT, check=False)
+  run = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'tests', 'eval_sharded_worker.py')],
+      capture_output=True, text=True, env=env, cwd=ROOT, check=False)
   assert run.returncode == 0, run.stderr[-3000:]
-  r = json.loads(run.stdout.strip().splitlines()[-1])
-  assert (r['num_devices'], r['global_batch_size']) == (4, 8)
-  for key in ('num_examples', 'correct_top1', 'correct_top5', 'top1', 'top5'):
-    assert r[key] == mock_run[key], key
+  results = json.loads(run.stdout.strip().splitlines()[-1])
+  four, one = results['4'], results['1']
+  assert (four['num_devices'], four['global_batch_size']) == (4, 8)
+  assert (one['num_devices'], one['global_batch_size']) == (1, 6)
+  logits, labels = np.array(four['logits']), np.array(four['labels'])
+  assert logits.shape == (N_MOCK, N_CLASSES)
+  np.testing.assert_allclose(logits, one['logits'], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(labels, one['labels'])
+  for r in (four, one):
+    assert r['num_examples'] == N_MOCK
+    assert r['correct_top1'] == _topk_counts(logits, labels, 1)
+    assert r['correct_top5'] == _topk_counts(logits, labels, 5)
+  assert 0 < four['correct_top5'] < N_MOCK
 
 
 @pytest.fixture(scope='module')
@@ -236,6 +230,70 @@ def test_digits_end_to_end_through_a_converted_checkpoint(
       'name': 'official', 'input_size': 32, 'crop_fraction': 1.0,
       'interpolation': 'bilinear', 'mean': [0.485, 0.456, 0.406],
       'std': [0.229, 0.224, 0.225]}
+
+
+# ---------------------------------------------------------------------------
+# train.py workdirs
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def workdir(digits_dir, tmp_path_factory):
+  """A 4-step run of a tiny GhostNet on the digits, with an EMA."""
+  import train_test_utils
+  from ghostnet_jax import train_lib
+  config = train_test_utils.tiny_config(
+      dataset='ghostnet_digits/32', data_dir=digits_dir, eval_split='test',
+      ema_decay=0.5, async_checkpointing=False)
+  path = tmp_path_factory.mktemp('run') / 'workdir'
+  train_lib.train_and_evaluate(config, str(path))
+  with open(path / 'final_metrics.json') as f:
+    return str(path), json.load(f)
+
+
+def test_workdir_alone_reproduces_the_runs_final_top1(workdir, tmp_path,
+                                                      capsys):
+  path, final = workdir
+  out_json = tmp_path / 'results.json'
+  rc, out, err = _run(['--checkpoint', path, '--output', out_json,
+                       '--no_progress'], capsys)
+  assert rc == 0, err
+  r = json.loads(out_json.read_text())
+  assert r['num_examples'] == final['eval_examples'] == 359
+  # The run reports fractions; eval reports percent. Same hits exactly.
+  assert r['correct_top1'] == round(final['top1'] * 359)
+  assert r['correct_top5'] == round(final['top5'] * 359)
+  assert r['top1'] == pytest.approx(100 * final['top1'], abs=1e-9)
+  assert r['top5'] == pytest.approx(100 * final['top5'], abs=1e-9)
+  # Everything came from the workdir.
+  assert (r['model'], r['dataset'], r['split'], r['checkpoint_kind']) == (
+      'ghostnet_050', 'ghostnet_digits/32', 'test', 'workdir')
+  assert r['ema'] is True and r['step'] == final['step'] == 4
+  assert r['preprocessing'] == {
+      'name': 'workdir', 'input_size': 16, 'crop_fraction': 1.0,
+      'interpolation': 'bilinear', 'mean': [0.5, 0.5, 0.5],
+      'std': [0.5, 0.5, 0.5]}
+  assert r['checkpoint_metrics'] == {'top1': pytest.approx(final['top1'])}
+
+
+def test_workdir_options(workdir, image_files, capsys):
+  path, final = workdir
+  rc, out, err = _run(['--checkpoint', path, '--no-ema', '--which', 'latest',
+                       '--no_progress'], capsys)
+  assert rc == 0, err
+  assert 'ema False' in out and '359 examples' in out
+  rc, _, err = _run(['--checkpoint', path, '--which', '1'], capsys)
+  assert rc == 2 and 'error: Step 1 is not in' in err and '[2, 4]' in err
+  rc, _, err = _run(['--checkpoint', path, '--model', 'ghostnet_100'], capsys)
+  assert rc == 2 and 'is a ghostnet_050 run, but --model ghostnet_100' in err
+  # Photos get the run's class names ('0'...'9').
+  rc, out, err = _run(['--checkpoint', path, '--images',
+                       image_files['grey.png'], '--top_k', '2'], capsys)
+  assert rc == 0, err
+  lines = out.splitlines()
+  assert len(lines) == 3
+  for line in lines[1:]:
+    name, index = line.split('%  ')[1].split(' (')
+    assert name == index.rstrip(')') and 0 <= int(name) <= 9
 
 
 # ---------------------------------------------------------------------------
@@ -397,22 +455,16 @@ def test_converted_directory_classifies_the_same(image_run, big_pth,
                                 image_run['library']['logits'])
 
 
-def test_images_with_a_small_head_use_dataset_names_or_indices(
-    small_pth, digits_dir, image_files, capsys):
-  photo = image_files['chelsea.png']
-  rc, out, err = _run(['--checkpoint', small_pth, '--images', photo,
-                       '--image_size', '32', '--top_k', '3'], capsys)
-  assert rc == 0, err
-  assert out.count('  1. ') == 1 and '  3. ' in out and '  4. ' not in out
-  assert 'class ' in out and '(' not in out  # Indices: no names known.
-  indices = [int(line.split('class ')[1]) for line in out.splitlines()[1:]]
-  rc, out, err = _run(['--checkpoint', small_pth, '--images', photo,
-                       '--image_size', '32', '--top_k', '3', '--dataset',
-                       'ghostnet_digits/32', '--data_dir', digits_dir], capsys)
-  assert rc == 0, err
-  # The digits' class names are '0'...'9': 'NAME (INDEX)'.
-  assert [line.split('%  ')[1] for line in out.splitlines()[1:]] == [
-      f'{i} ({i})' for i in indices]
+def test_class_names_of_a_small_head(small_pth, digits_dir):
+  loaded = eval_lib.load_checkpoint(small_pth, model='ghostnet_050')
+  assert eval_lib.class_names_for(loaded) is None  # Indices then.
+  names = eval_lib.class_names_for(loaded, 'ghostnet_digits/32', digits_dir)
+  assert names == tuple(str(d) for d in range(10))
+  result = {'predictions': [{'file': 'a.png', 'top_k': [
+      {'index': 3, 'class': None, 'probability': 0.5},
+      {'index': 7, 'class': '7', 'probability': 0.25}]}]}
+  assert eval_lib.format_predictions(result).splitlines() == [
+      'a.png:', '  1.  50.00%  class 3', '  2.  25.00%  7 (7)']
 
 
 def test_load_image_modes(tmp_path):
