@@ -869,8 +869,9 @@ def predict_arrays(model, variables: Mapping, images: np.ndarray, *,
   """Logits and top-k of preprocessed ``(N, S, S, 3)`` images.
 
   Returns ``(logits (N, C), top-k probabilities (N, k), top-k indices
-  (N, k))``; ``k = min(top_k, C)``. Batches are padded to a multiple of the
-  device count and sharded over ``mesh`` (single process).
+  (N, k))``; ``k = min(top_k, C)``. Every batch is padded to ``batch_size``
+  rounded up to a multiple of the device count (one compiled shape) and
+  sharded over ``mesh`` (default: this process's devices).
   """
   mesh = make_mesh(jax.local_devices()) if mesh is None else mesh
   images = np.asarray(images, np.float32)
@@ -883,7 +884,7 @@ def predict_arrays(model, variables: Mapping, images: np.ndarray, *,
   k = max(1, min(int(top_k), num_classes))
   predict = _make_predict(model, mesh, k)
   variables = _replicate(dict(variables), mesh)
-  chunk = round_batch_size(min(batch_size, max(n, 1)), mesh)
+  chunk = round_batch_size(batch_size, mesh)
   outs = []
   for start in range(0, n, chunk):
     part = images[start:start + chunk]
@@ -953,30 +954,40 @@ def classify_images(checkpoint: str | os.PathLike | LoadedCheckpoint,
   if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
     raise EvalError(f'top_k must be a positive int, got {top_k!r}.')
   names = class_names_for(loaded, dataset, data_dir)
-  errors, ok_paths, inputs = [], [], []
-  for path in paths:
-    try:
-      inputs.append(preprocess_image(load_image(path), config))
-      ok_paths.append(path)
-    except ImageError as e:
-      errors.append(e)
-  predictions, logits = [], None
-  if inputs:
+  net = loaded.create_model(dtype=_dtype(dtype))
+  mesh = make_mesh(jax.local_devices())
+  # Files are read one batch at a time; a job smaller than batch_size runs
+  # as one batch of its own size.
+  chunk = round_batch_size(min(batch_size, len(paths)), mesh)
+  errors, predictions, kept_inputs, kept_logits = [], [], [], []
+  for start in range(0, len(paths), chunk):
+    ok_paths, inputs = [], []
+    for path in paths[start:start + chunk]:
+      try:
+        inputs.append(preprocess_image(load_image(path), config))
+        ok_paths.append(path)
+      except ImageError as e:
+        errors.append(e)
+    if not inputs:
+      continue
     x = np.stack(inputs)
-    logits, top_p, top_i = predict_arrays(
-        loaded.create_model(dtype=_dtype(dtype)), loaded.variables, x,
-        top_k=top_k, batch_size=batch_size)
+    logits, top_p, top_i = predict_arrays(net, loaded.variables, x,
+                                          top_k=top_k, batch_size=chunk,
+                                          mesh=mesh)
     for path, ps, ids in zip(ok_paths, top_p, top_i):
       predictions.append({'file': path, 'top_k': [
           {'index': int(i), 'class': names[int(i)] if names else None,
            'probability': float(p)} for p, i in zip(ps, ids)]})
+    if return_inputs:
+      kept_inputs.append(x)
+      kept_logits.append(logits)
   out = {'model': loaded.model, 'checkpoint': os.path.abspath(loaded.path),
          'checkpoint_kind': loaded.kind,
          'preprocessing': preprocessing_record(name, config),
          'ema': loaded.ema, 'predictions': predictions, 'errors': errors}
   if return_inputs:
-    out['inputs'] = np.stack(inputs) if inputs else None
-    out['logits'] = logits
+    out['inputs'] = np.concatenate(kept_inputs) if kept_inputs else None
+    out['logits'] = np.concatenate(kept_logits) if kept_logits else None
   return out
 
 

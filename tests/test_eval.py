@@ -296,6 +296,23 @@ def test_workdir_options(workdir, image_files, capsys):
     assert name == index.rstrip(')') and 0 <= int(name) <= 9
 
 
+def test_images_in_several_batches(workdir, image_files):
+  """5 readable files (+1 corrupt) in batches of 2: the same as in one batch."""
+  names = ('chelsea.png', 'corrupt.jpg', 'coffee.jpg', 'grey.png',
+           'grey16.png', 'rgba.png')
+  paths = [image_files[n] for n in names]
+  loaded = eval_lib.load_checkpoint(workdir[0])
+  whole = eval_lib.classify_images(loaded, paths, return_inputs=True)
+  parts = eval_lib.classify_images(loaded, paths, batch_size=2,
+                                   return_inputs=True)
+  assert [p['file'] for p in parts['predictions']] == [
+      p for p in paths if 'corrupt' not in p]
+  assert [e.path for e in parts['errors']] == [image_files['corrupt.jpg']]
+  np.testing.assert_array_equal(parts['inputs'], whole['inputs'])
+  np.testing.assert_allclose(parts['logits'], whole['logits'], rtol=1e-5,
+                             atol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Images
 # ---------------------------------------------------------------------------
