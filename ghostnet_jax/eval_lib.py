@@ -678,7 +678,8 @@ def evaluate(checkpoint: str | os.PathLike | LoadedCheckpoint, *,
              which: str | int = 'best', dtype: str | None = None,
              allow_pickle: bool = False, progress: bool = True,
              return_logits: bool = False, worker_count: int = 0,
-             num_threads: int = 8, mesh: Mesh | None = None) -> dict:
+             num_threads: int = 8, image_key: str | None = None,
+             label_key: str | None = None, mesh: Mesh | None = None) -> dict:
   """Evaluates a checkpoint on a tfds split; the ``results.json`` dict.
 
   Args:
@@ -698,6 +699,8 @@ def evaluate(checkpoint: str | os.PathLike | LoadedCheckpoint, *,
     return_logits: also return the logits and labels (numpy; not JSON).
     worker_count: grain worker processes.
     num_threads: decoding threads per process.
+    image_key, label_key: the dataset's image and ClassLabel features
+      (default ``'image'`` / ``'label'``, else its supervised keys).
     mesh: default: every device.
 
   Returns:
@@ -729,7 +732,7 @@ def evaluate(checkpoint: str | os.PathLike | LoadedCheckpoint, *,
       batch_size=batch_size or loaded.batch_size or DEFAULT_BATCH_SIZE,
       mesh=mesh, progress=progress,
       return_logits=return_logits, worker_count=worker_count,
-      num_threads=num_threads)
+      num_threads=num_threads, image_key=image_key, label_key=label_key)
   results = {
       'top1': metrics.pop('top1'),
       'top5': metrics.pop('top5'),
@@ -1052,6 +1055,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help="preset (default: a workdir's own preprocessing, else "
                  "the model's default): official = resize 256 bilinear + "
                  'center crop 224; timm = the same with bicubic')
+  p.add_argument('--image_key', '--image-key', default=None,
+                 help="the dataset's image feature (default: image)")
+  p.add_argument('--label_key', '--label-key', default=None,
+                 help="the dataset's ClassLabel feature (default: label)")
   p.add_argument('--image_size', '--image-size', type=int, default=None,
                  help='override the input size')
   p.add_argument('--crop_fraction', '--crop-fraction', type=float,
@@ -1166,7 +1173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         batch_size=args.batch_size, ema=args.ema, which=args.which,
         dtype=args.dtype, allow_pickle=args.allow_pickle,
         progress=not args.no_progress, worker_count=args.worker_count,
-        num_threads=args.num_threads)
+        num_threads=args.num_threads, image_key=args.image_key,
+        label_key=args.label_key)
     if is_main:
       _print_summary(results)
       if args.output:
