@@ -128,8 +128,16 @@ def pointwise_conv2d_xla(x, kernel, strides, precision=None):
   sh, sw = strides
   if (sh, sw) != (1, 1):
     x = x[:, ::sh, ::sw, :]
-  return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())),
-                         precision=precision)
+  # A 2-D (pixels, Cin) @ (Cin, Cout) product. Written on the 4-D array, the
+  # weight gradient contracts three axes of x and dy, and XLA:CPU's layout
+  # assignment then materialises dy transposed to (Cout, pixels): a strided
+  # copy that cost a fifth of a GhostNet training step. The 2-D form
+  # differentiates into a (pixels, Cin)^T @ (pixels, Cout) product on the
+  # row-major arrays, with no copy (see BENCHMARKS.md).
+  n, h, w, cin = x.shape
+  y = lax.dot_general(x.reshape(n * h * w, cin), kernel[0, 0],
+                      (((1,), (0,)), ((), ())), precision=precision)
+  return y.reshape(n, h, w, kernel.shape[-1])
 
 
 def is_depthwise(kernel_shape, in_features: int, groups: int) -> bool:
