@@ -4,8 +4,11 @@
 from ghostnet_jax import g_ghost  # noqa: F401
 from ghostnet_jax import ghost_resnet  # noqa: F401
 from ghostnet_jax import ghostnet  # noqa: F401
+from ghostnet_jax import ghostnetv2  # noqa: F401
+from ghostnet_jax import ghostnetv3  # noqa: F401
 from ghostnet_jax.g_ghost import GGhostStage
 from ghostnet_jax.ghost_layers import GhostConv
+from ghostnet_jax.ghostnetv3 import reparameterize
 from ghostnet_jax.layers import make_divisible
 from ghostnet_jax.macs import count_macs
 from ghostnet_jax.registry import (create_model, get_eval_config, list_models,
@@ -17,5 +20,5 @@ __version__ = '0.1.0'
 __all__ = [
     'GGhostStage', 'GhostConv', 'count_macs', 'count_params', 'create_model',
     'extract_features', 'get_eval_config', 'init_variables', 'list_models',
-    'make_divisible', 'register_model',
+    'make_divisible', 'register_model', 'reparameterize',
 ]

@@ -165,21 +165,24 @@ def read_torch_file(path: str | os.PathLike, *,
       return torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises many types for bad files.
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if 'Weights only load failed' in str(e) or 'Unsupported global' in str(e):
-      raise CheckpointError(
-          f'{path} pickles Python objects beyond tensors ({msg[:200]}). If '
-          'you trust the file, pass allow_pickle=True (--allow-pickle).'
-      ) from e
     with open(path, 'rb') as f:
       head = f.read(4)
+    if head[:2] != b'PK' and head[:1] != b'\x80':
+      raise CheckpointError(
+          f'{path} ({size} bytes) is not a PyTorch checkpoint (no zip or '
+          f'pickle header; it starts with {head!r}).') from e
+    if 'Unsupported global' in str(e):
+      detail = str(e)[str(e).index('Unsupported global'):].splitlines()[0]
+      raise CheckpointError(
+          f'{path} pickles Python objects beyond tensors ({detail[:200]}). '
+          'If you trust the file, pass allow_pickle=True (--allow-pickle).'
+      ) from e
     if head[:2] == b'PK':
       what = ('a zip archive that torch cannot read: the file is probably '
               'truncated or corrupt (re-download it)')
-    elif head[:1] == b'\x80':
+    else:
       what = ('a legacy pickle that torch cannot read: the file is probably '
               'truncated or corrupt')
-    else:
-      what = 'not a PyTorch checkpoint (no zip or pickle header)'
     raise CheckpointError(f'{path} ({size} bytes) is {what}. torch.load '
                           f'said: {msg[:300]}') from e
 
@@ -255,24 +258,53 @@ def _to_numpy(value, key: str) -> np.ndarray:
   return arr.astype(np.float32)
 
 
-def _guess_models(keys: set[str], candidates: Iterable[str]) -> list[str]:
-  """Registered models whose key set matches ``keys`` best (best first)."""
-  scored = []
-  for name in candidates:
+def _fit(sd: Mapping[str, np.ndarray], layout: Mapping[str, tuple]) -> float:
+  """Share of the union of keys present in both with the same shape."""
+  same = sum(1 for k, (_, _, shape) in layout.items()
+             if k in sd and tuple(sd[k].shape) == _torch_shape(shape))
+  return same / max(len(set(sd) | set(layout)), 1)
+
+
+def rank_models(state_dict: Mapping[str, Any],
+                min_fit: float = 0.5) -> list[tuple[float, str]]:
+  """Registered models ordered by how well ``state_dict`` fits them.
+
+  The fit of a model is the share of all keys (the checkpoint's and the
+  model's) that both have with the same shape: 1.0 is an exact match.
+  Tracing every registered model is slow, so one model per family is tried
+  first and only the families it resembles are searched in full.
+
+  Returns:
+    ``[(fit, name), ...]`` with ``fit >= min_fit``, best first.
+  """
+  families: dict[str, list[str]] = {}
+  for name in registry.list_models():
+    families.setdefault(registry.get_entry(name).family, []).append(name)
+
+  def fit(name):
+    entry = registry.get_entry(name)
     try:
       layout = torch_layout(name)
-    except Exception:  # pylint: disable=broad-except
-      continue
-    overlap = len(keys & set(layout)) / max(len(keys | set(layout)), 1)
-    scored.append((overlap, name))
-  scored.sort(reverse=True)
-  return [n for s, n in scored[:3] if s > 0.5]
+    except Exception:  # pylint: disable=broad-except  (cannot build)
+      return 0.0, set(), 1
+    sd = clean_state_dict(state_dict, entry.torch_key_map)
+    return _fit(sd, layout), set(sd) & set(layout), len(set(sd) | set(layout))
+
+  ranked = []
+  for members in families.values():
+    first = fit(members[0])
+    if not first[1] or len(first[1]) / first[2] < 0.3:
+      continue  # No key names in common with this family.
+    ranked.append((first[0], members[0]))
+    ranked += [(fit(n)[0], n) for n in members[1:]]
+  ranked.sort(key=lambda t: (-t[0], t[1]))
+  return [(f, n) for f, n in ranked if f >= min_fit]
 
 
 def _format_mismatch(name, source, missing, unexpected, misshaped, guesses):
   lines = [f'{source} does not match {name}: {len(missing)} missing, '
            f'{len(unexpected)} unexpected, {len(misshaped)} mis-shaped keys.']
-  if guesses and name not in guesses:
+  if guesses:
     lines.append(f'It looks like a checkpoint of: {", ".join(guesses)}.')
   for title, items in (('missing', missing), ('unexpected', unexpected)):
     if items:
@@ -310,7 +342,9 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], name: str, *,
     if k in sd and tuple(sd[k].shape) != _torch_shape(flax_shape):
       misshaped.append((k, tuple(sd[k].shape), _torch_shape(flax_shape)))
   if misshaped or (strict and (missing or unexpected)):
-    guesses = _guess_models(set(sd), registry.list_models())
+    ranked = rank_models(state_dict)
+    own_fit = dict((n, f) for f, n in ranked).get(name, 0.0)
+    guesses = [n for f, n in ranked if n != name and f > own_fit][:3]
     raise CheckpointError(_format_mismatch(name, source, missing, unexpected,
                                            misshaped, guesses))
   if not strict and (missing or unexpected):
@@ -381,7 +415,10 @@ def to_torch_state_dict(variables: Mapping, name: str | None = None,
                         **create_kwargs) -> 'collections.OrderedDict':
   """Flax variables -> a PyTorch state_dict with the official key names.
 
-  The result loads with ``strict=True`` into the official / timm model.
+  The result loads with ``strict=True`` into the official / timm model
+  (GhostNetV3's training form: into the official one; timm names its branch
+  BatchNorms ``bn1``: rename with
+  :func:`ghostnet_jax.ghostnetv3.official_to_timm_key`).
   ``num_batches_tracked`` is written as 0 for every BatchNorm. With ``name``
   the variables are first checked against the model's layout.
   """
@@ -429,6 +466,9 @@ def main(argv=None) -> int:
   group.add_argument('--no-ema', dest='ema', action='store_false',
                      help='use the regular weights even if EMA ones exist')
   parser.add_argument('--num-classes', type=int, default=1000)
+  parser.add_argument('--deploy', action='store_true',
+                      help='the checkpoint is in re-parameterised (deploy) '
+                      'form (GhostNetV3)')
   parser.add_argument('--non-strict', action='store_true',
                       help='allow missing/unexpected keys (missing ones keep '
                       'their random initial values)')
@@ -437,21 +477,23 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
 
   from ghostnet_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  create_kwargs = {'deploy': True} if args.deploy else {}
   try:
     checkpoint.check_output_dir(args.output)
     variables = load_torch_checkpoint(
         args.torch_checkpoint, args.model, ema=args.ema,
         strict=not args.non_strict, allow_pickle=args.allow_pickle,
-        num_classes=args.num_classes)
+        num_classes=args.num_classes, **create_kwargs)
     from ghostnet_jax.utils import count_params  # pylint: disable=g-import-not-at-top
     metadata = {
         'model': args.model, 'num_classes': args.num_classes,
+        'model_kwargs': create_kwargs,
         'source': os.path.abspath(args.torch_checkpoint),
         'ema': args.ema, 'num_params': count_params(variables['params']),
     }
     checkpoint.save_converted(args.output, variables, metadata)
-  except (CheckpointError, FileNotFoundError, FileExistsError,
-          ValueError) as e:
+  except (CheckpointError, FileNotFoundError, FileExistsError, ValueError,
+          TypeError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(f'Converted {args.torch_checkpoint} -> {args.output} '

@@ -151,7 +151,12 @@ class GhostBottleneck(nn.Module):
     se_ratio: squeeze-excite ratio on the mid channels (0 disables).
     ghost1: factory of the expansion module (``GhostModule``; GhostNetV2
       passes its attention module here).
+    ghost2: factory of the projection module (``GhostModule``; GhostNetV3
+      passes its re-parameterisable module here).
     conv, norm: layer factories.
+
+  Subclasses change the strided depthwise convolution by overriding
+  :meth:`strided_depthwise`.
   """
   mid_features: int
   out_features: int
@@ -159,8 +164,18 @@ class GhostBottleneck(nn.Module):
   stride: int = 1
   se_ratio: float = 0.0
   ghost1: ModuleDef = GhostModule
+  ghost2: ModuleDef = GhostModule
   conv: ModuleDef = Conv2d
   norm: ModuleDef = BatchNorm
+
+  def strided_depthwise(self, y: jax.Array, train: bool) -> jax.Array:
+    """``conv_dw`` -> ``bn_dw``: ``(N, H, W, mid) -> (N, Ho, Wo, mid)``.
+
+    Called from ``__call__`` (inside its compact scope) when stride > 1.
+    """
+    y = self.conv(self.mid_features, self.dw_kernel_size, strides=self.stride,
+                  groups=self.mid_features, name='conv_dw')(y)
+    return self.norm(name='bn_dw')(y, train)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -170,13 +185,11 @@ class GhostBottleneck(nn.Module):
     y = self.ghost1(self.mid_features, relu=True, conv=self.conv,
                     norm=self.norm, name='ghost1')(x, train)
     if s > 1:
-      y = self.conv(self.mid_features, k, strides=s, groups=self.mid_features,
-                    name='conv_dw')(y)
-      y = self.norm(name='bn_dw')(y, train)
+      y = self.strided_depthwise(y, train)
     if self.se_ratio > 0:
       rd = make_divisible(self.mid_features * self.se_ratio, 4)
       y = SqueezeExcite(rd, conv=self.conv, name='se')(y)
-    y = GhostModule(self.out_features, relu=False, conv=self.conv,
+    y = self.ghost2(self.out_features, relu=False, conv=self.conv,
                     norm=self.norm, name='ghost2')(y, train)
 
     if in_features == self.out_features and s == 1:

@@ -25,7 +25,13 @@ def init_variables(model: nn.Module, rng: jax.Array | int = 0,
     rng = jax.random.key(rng)
   x = jnp.zeros((batch_size, image_size, image_size,
                  getattr(model, 'in_chans', 3)), jnp.float32)
-  variables = jax.jit(lambda r, x: model.init(r, x, train=False))(rng, x)
+  init = jax.jit(lambda r, x: model.init(r, x, train=False))
+  # Initialisation runs once: on the CPU, XLA's backend optimisation level 0
+  # compiles it several times faster (the random number generation of a few
+  # hundred initialisers dominates) and the result is the same.
+  options = ({'xla_backend_optimization_level': 0}
+             if jax.default_backend() == 'cpu' else None)
+  variables = init.lower(rng, x).compile(compiler_options=options)(rng, x)
   return dict(variables)
 
 

@@ -19,3 +19,18 @@ def timm():
 @pytest.fixture
 def rng():
   return np.random.RandomState(0)
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _torch_single_thread():
+  """One torch thread: the references need no speed, and on 2 busy cores
+  OpenMP spin-waiting costs more CPU than the work itself."""
+  try:
+    import torch
+  except ImportError:
+    yield
+    return
+  before = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(before)

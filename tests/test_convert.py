@@ -144,8 +144,8 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 def test_non_finite_weights_are_refused(state_dict):
   bad = dict(state_dict)
-  bad['blocks.2.0.ghost1.primary_conv.1.running_var'] = torch.full(
-      (36,), float('nan'))
+  key = 'blocks.2.0.ghost1.primary_conv.1.running_var'
+  bad[key] = torch.full_like(bad[key], float('nan'))
   with pytest.raises(convert.CheckpointError, match='NaN or Inf'):
     convert.load_torch_checkpoint(bad, NAME)
   got = convert.load_torch_checkpoint(bad, NAME, allow_nonfinite=True)

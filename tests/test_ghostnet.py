@@ -17,7 +17,7 @@ import torch
 import ghostnet_jax
 from ghostnet_jax import convert
 from ghostnet_jax.utils import abstract_variables
-from torch_reference import (nchw, nhwc, random_flax_variables,
+from torch_reference import (compiled_apply, nchw, nhwc, random_flax_variables,
                              randomize_torch_model, relative_error)
 
 WIDTHS = {'ghostnet_050': 0.5, 'ghostnet_100': 1.0, 'ghostnet_130': 1.3}
@@ -87,8 +87,7 @@ def pair(request, timm, tmp_path_factory):
 
 
 def _flax_logits(name, variables, x, **kwargs):
-  model = ghostnet_jax.create_model(name, **kwargs)
-  return np.asarray(jax.jit(model.apply)(variables, x))
+  return np.asarray(compiled_apply(name, **kwargs)(variables, x))
 
 
 @pytest.mark.parametrize('size', [224, 193])
@@ -159,9 +158,7 @@ def test_train_mode_forward_matches_timm(pair):
   ref.drop_rate = 0.0
   with torch.no_grad():
     ref_logits = ref(nchw(x)).numpy()
-  model = ghostnet_jax.create_model(name, dropout=0.0)
-  logits, updates = jax.jit(lambda v, x: model.apply(
-      v, x, train=True, mutable=['batch_stats']))(variables, x)
+  logits, updates = compiled_apply(name, train=True)(variables, x)
   assert relative_error(logits, ref_logits) <= TOL
   ours = convert.to_torch_state_dict(
       {'params': variables['params'], 'batch_stats': updates['batch_stats']})
