@@ -91,3 +91,37 @@ def test_pointwise_weight_gradient_has_no_activation_copy():
   activation = r'f32\[(?:4,16,16,24|1024,24|24,1024|24,4,16,16)\]'
   copies = re.findall(r'= ' + activation + r'\S* (?:copy|transpose)\(', text)
   assert not copies, copies
+
+
+@pytest.mark.parametrize('impl', ['xla', 'ffi'])
+@pytest.mark.parametrize('shape, cout, groups, stride', [
+    ((2, 9, 9, 12), 12, 3, 1),
+    ((2, 10, 10, 8), 16, 2, 2),
+])
+def test_grouped_conv_matches_lax(impl, shape, cout, groups, stride):
+  """RegNet-style grouped convolutions (not depthwise): one dense
+  convolution per group in the 'xla' and 'ffi' lowerings."""
+  rng = np.random.RandomState(2)
+  x = jnp.asarray(rng.randn(*shape).astype(np.float32))
+  kernel = jnp.asarray(
+      rng.randn(3, 3, shape[-1] // groups, cout).astype(np.float32) / 4)
+  pad = ((1, 1), (1, 1))
+  got = _value_and_grads(
+      lambda x, k: ops.conv2d(x, k, strides=stride, padding=pad, groups=groups,
+                              impl=impl, precision=lax.Precision.HIGHEST),
+      x, kernel)
+  want = _value_and_grads(
+      lambda x, k: _lax_conv(x, k, (stride, stride), pad, groups), x, kernel)
+  for name, a, b in zip(('y', 'dx', 'dw'), got, want):
+    assert a.shape == b.shape, name
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-4, err_msg=name)
+
+
+def test_grouped_conv_is_split_into_dense_convolutions():
+  x = jnp.zeros((1, 8, 8, 12), jnp.float32)
+  kernel = jnp.zeros((3, 3, 4, 12), jnp.float32)
+  text = str(jax.make_jaxpr(
+      lambda x, k: ops.conv2d(x, k, groups=3, impl='xla'))(x, kernel))
+  assert text.count('conv_general_dilated') == 3
+  assert 'feature_group_count=1' in text and 'feature_group_count=3' not in text
