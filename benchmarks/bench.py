@@ -3,8 +3,10 @@
 One command prints one table. For every model and batch size (224x224,
 float32) it measures
 
-* Flax inference images/s and training-step images/s (forward, backward,
-  optax SGD with momentum, BatchNorm statistics, dropout; the state is donated),
+* Flax inference images/s (BatchNorm folded into the convolutions by
+  :mod:`ghostnet_jax.inference`; ``--no-fold`` for the plain ``apply``) and
+  training-step images/s (forward, backward, optax SGD with momentum,
+  BatchNorm statistics, dropout; the state is donated),
 * the same for the PyTorch reference in NCHW and in ``channels_last``; the
   better layout is the baseline (timm's models; for G-Ghost the test reference
   ``tests/g_ghost_reference.py``), with ``torch.set_num_threads`` equal to the
@@ -187,14 +189,15 @@ def _memory_mb(compiled) -> float | None:
 
 def flax_worker(name: str, batch: int, mode: str, image_size: int, reps: int,
                 min_time: float, conv_impl: str,
-                compiler_options: dict | None = None) -> dict:
+                compiler_options: dict | None = None,
+                fold: bool = True) -> dict:
   """Compiles and times one Flax cell; returns its measurements."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   import ghostnet_jax  # pylint: disable=g-import-not-at-top
-  from ghostnet_jax import ops  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import inference, ops  # pylint: disable=g-import-not-at-top
 
   kwargs = dict(conv_impl=conv_impl)
   if mode == 'infer':
@@ -209,7 +212,13 @@ def flax_worker(name: str, batch: int, mode: str, image_size: int, reps: int,
              device=str(jax.devices()[0].device_kind))
 
   if mode == 'infer':
-    fn = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    # The library's inference path: BatchNorm folded into the convolutions
+    # once, outside jit (ghostnet_jax.inference); --no-fold for plain apply.
+    paths = frozenset()
+    if fold:
+      variables, paths = inference.fold_batchnorm(model, variables)
+    fn = jax.jit(lambda v, x: inference.folded_apply(model, v, paths, x))
+    out['folded_batchnorms'] = len(paths)
     t = time.perf_counter()
     compiled = fn.lower(variables, x).compile(compiler_options)
     out['compile_s'] = time.perf_counter() - t
@@ -503,6 +512,8 @@ def parse_args(argv=None):
   p.add_argument('--no-infer', action='store_true')
   p.add_argument('--conv-impl', default='auto',
                  help="Flax convolution lowering ('auto', 'lax', 'xla', 'ffi')")
+  p.add_argument('--no-fold', action='store_true',
+                 help='Flax inference without BatchNorm folding')
   p.add_argument('--threads', type=int, default=None,
                  help='torch threads (default: the cores XLA uses)')
   p.add_argument('--no-tune-malloc', action='store_true',
@@ -545,7 +556,8 @@ def main(argv=None) -> int:
                                + (argv if argv is not None else sys.argv[1:])),
               image_size=image_size, reps=reps, min_time_s=min_time,
               torch_threads=threads, tune_malloc=not args.no_tune_malloc,
-              conv_impl=args.conv_impl, compiler_options=compiler_options)
+              conv_impl=args.conv_impl, compiler_options=compiler_options,
+              fold_batchnorm=not args.no_fold)
   to_stdout = args.json == '-'
   if not to_stdout:
     m, v = info['machine'], info['versions']
@@ -570,7 +582,8 @@ def main(argv=None) -> int:
           continue
         row[f'flax_{mode}'] = run_cell(
             dict(base, kind='flax', name=name, batch=batch, mode=mode,
-                 conv_impl=args.conv_impl, compiler_options=compiler_options),
+                 conv_impl=args.conv_impl, compiler_options=compiler_options,
+                 fold=not args.no_fold),
             args.cell_timeout,
             args.in_process)
         if args.no_torch:
