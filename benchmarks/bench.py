@@ -3,9 +3,9 @@
 One command prints one table. For every model and batch size (224x224,
 float32) it measures
 
-* Flax inference images/s (BatchNorm folded into the convolutions by
-  :mod:`ghostnet_jax.inference`; ``--no-fold`` for the plain ``apply``) and
-  training-step images/s (forward, backward, optax SGD with momentum,
+* Flax inference images/s (``model.apply(..., train=False)`` under ``jit``;
+  ``--fold`` folds BatchNorm into the convolutions first with
+  :mod:`ghostnet_jax.inference`) and training-step images/s (forward, backward, optax SGD with momentum,
   BatchNorm statistics, dropout; the state is donated),
 * the same for the PyTorch reference in NCHW and in ``channels_last``; the
   better layout is the baseline (timm's models; for G-Ghost the test reference
@@ -190,7 +190,7 @@ def _memory_mb(compiled) -> float | None:
 def flax_worker(name: str, batch: int, mode: str, image_size: int, reps: int,
                 min_time: float, conv_impl: str,
                 compiler_options: dict | None = None,
-                fold: bool = True) -> dict:
+                fold: bool = False) -> dict:
   """Compiles and times one Flax cell; returns its measurements."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -212,8 +212,9 @@ def flax_worker(name: str, batch: int, mode: str, image_size: int, reps: int,
              device=str(jax.devices()[0].device_kind))
 
   if mode == 'infer':
-    # The library's inference path: BatchNorm folded into the convolutions
-    # once, outside jit (ghostnet_jax.inference); --no-fold for plain apply.
+    # --fold: BatchNorm folded into the convolutions once, outside jit
+    # (ghostnet_jax.inference); by default the plain apply, which XLA:CPU
+    # schedules better (BENCHMARKS.md).
     paths = frozenset()
     if fold:
       variables, paths = inference.fold_batchnorm(model, variables)
@@ -512,8 +513,9 @@ def parse_args(argv=None):
   p.add_argument('--no-infer', action='store_true')
   p.add_argument('--conv-impl', default='auto',
                  help="Flax convolution lowering ('auto', 'lax', 'xla', 'ffi')")
-  p.add_argument('--no-fold', action='store_true',
-                 help='Flax inference without BatchNorm folding')
+  p.add_argument('--fold', action='store_true',
+                 help='Flax inference with BatchNorm folded into the '
+                      'convolutions (ghostnet_jax.inference)')
   p.add_argument('--threads', type=int, default=None,
                  help='torch threads (default: the cores XLA uses)')
   p.add_argument('--no-tune-malloc', action='store_true',
@@ -557,7 +559,7 @@ def main(argv=None) -> int:
               image_size=image_size, reps=reps, min_time_s=min_time,
               torch_threads=threads, tune_malloc=not args.no_tune_malloc,
               conv_impl=args.conv_impl, compiler_options=compiler_options,
-              fold_batchnorm=not args.no_fold)
+              fold_batchnorm=args.fold)
   to_stdout = args.json == '-'
   if not to_stdout:
     m, v = info['machine'], info['versions']
@@ -583,7 +585,7 @@ def main(argv=None) -> int:
         row[f'flax_{mode}'] = run_cell(
             dict(base, kind='flax', name=name, batch=batch, mode=mode,
                  conv_impl=args.conv_impl, compiler_options=compiler_options,
-                 fold=not args.no_fold),
+                 fold=args.fold),
             args.cell_timeout,
             args.in_process)
         if args.no_torch:
