@@ -16,6 +16,7 @@ Conventions (all modules):
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import math
 from typing import Any, Callable
@@ -132,6 +133,12 @@ def Linear(features: int, *, name: str, dtype: Dtype = jnp.float32,
                   kernel_init=torch_default_kernel_init(), name=name)
 
 
+# Paths of the BatchNorms folded into the convolution before them, for the
+# trace in progress (set by ghostnet_jax.inference.folded_batchnorms).
+FOLDED_BATCHNORMS: contextvars.ContextVar[frozenset] = contextvars.ContextVar(
+    'ghostnet_jax_folded_batchnorms', default=frozenset())
+
+
 class BatchNorm(nn.Module):
   """BatchNorm over the channel (last) axis with PyTorch's semantics.
 
@@ -175,6 +182,10 @@ class BatchNorm(nn.Module):
     dtype = x.dtype if self.dtype is None else self.dtype
 
     if not train:
+      if tuple(self.path) in FOLDED_BATCHNORMS.get():
+        # ghostnet_jax.inference: the affine map lives in the convolution
+        # before; what is left is the shift.
+        return (x + bias).astype(dtype)
       mean, var = ra_mean.value, ra_var.value
       y = _normalize(x, mean, var, scale, bias, self.epsilon)
       return y.astype(dtype)

@@ -8,10 +8,12 @@ PyTorch does. How the convolution is *computed* is a separate choice, the
 * ``'lax'``: ``jax.lax.conv_general_dilated`` for everything. The reference
   lowering, and the fastest one on GPU and TPU.
 * ``'xla'``: plain XLA rewritten for XLA:CPU, which lowers grouped convolutions
-  12-30x slower than PyTorch and 1x1 convolutions ~3.5x slower than the same
-  matmul. Depthwise convolutions become a sum of ``kh * kw`` shifted,
-  per-channel-scaled slices, 1x1 convolutions become a ``dot_general`` over
-  channels. Every other convolution goes to ``lax``.
+  12-30x slower than PyTorch (their gradients 5-60x slower still) and 1x1
+  convolutions ~3.5x slower than the same matmul. Depthwise convolutions
+  become a sum of ``kh * kw`` shifted, per-channel-scaled slices, 1x1
+  convolutions a ``dot_general`` over channels, other grouped convolutions
+  (RegNet's) one dense convolution per group. Every other convolution goes to
+  ``lax``.
 * ``'ffi'``: like ``'xla'``, but depthwise convolutions (forward and both
   gradients) run in the package's compiled CPU kernels
   (:mod:`ghostnet_jax.kernels`) when they are built; otherwise ``'xla'``.
@@ -33,6 +35,9 @@ import jax.numpy as jnp
 from jax import lax
 
 IMPLS = ('auto', 'lax', 'xla', 'ffi')
+# Grouped convolutions with more groups stay one XLA convolution (compile
+# time grows with the number of pieces); the registered models have <= 46.
+MAX_SPLIT_GROUPS = 64
 
 Padding = Sequence[tuple[int, int]]
 
@@ -128,8 +133,42 @@ def pointwise_conv2d_xla(x, kernel, strides, precision=None):
   sh, sw = strides
   if (sh, sw) != (1, 1):
     x = x[:, ::sh, ::sw, :]
-  return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())),
-                         precision=precision)
+  # A 2-D (pixels, Cin) @ (Cin, Cout) product. Written on the 4-D array, the
+  # weight gradient contracts three axes of x and dy, and XLA:CPU's layout
+  # assignment then materialises dy transposed to (Cout, pixels): a strided
+  # copy that cost a fifth of a GhostNet training step. The 2-D form
+  # differentiates into a (pixels, Cin)^T @ (pixels, Cout) product on the
+  # row-major arrays, with no copy (see BENCHMARKS.md).
+  n, h, w, cin = x.shape
+  y = lax.dot_general(x.reshape(n * h * w, cin), kernel[0, 0],
+                      (((1,), (0,)), ((), ())), precision=precision)
+  return y.reshape(n, h, w, kernel.shape[-1])
+
+
+def grouped_conv2d_split(x, kernel, strides, padding, groups: int,
+                         precision=None):
+  """A grouped convolution as ``groups`` dense convolutions, concatenated.
+
+  Group ``g`` convolves input channels ``[g * Cin/G, (g + 1) * Cin/G)`` with
+  output channels ``[g * Cout/G, (g + 1) * Cout/G)`` of the kernel, which is
+  what ``feature_group_count`` means. XLA:CPU computes dense convolutions
+  and their gradients many times faster than grouped ones (BENCHMARKS.md).
+
+  Args:
+    x: ``(N, H, W, Cin)``.
+    kernel: ``(kh, kw, Cin // groups, Cout)``.
+    strides: ``(sh, sw)``.
+    padding: ``((top, bottom), (left, right))``.
+    groups: feature groups.
+  """
+  cig = kernel.shape[2]
+  cog = kernel.shape[3] // groups
+  outs = [
+      _conv_lax(x[..., g * cig:(g + 1) * cig],
+                kernel[..., g * cog:(g + 1) * cog], strides, padding, 1,
+                precision)
+      for g in range(groups)]
+  return jnp.concatenate(outs, axis=-1)
 
 
 def is_depthwise(kernel_shape, in_features: int, groups: int) -> bool:
@@ -173,4 +212,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1),
       if kernels.supports(kernel.shape, strides, padding):
         return kernels.depthwise_conv2d(x, kernel, strides, padding)
     return depthwise_conv2d_xla(x, kernel, strides, padding)
+  if 1 < groups <= MAX_SPLIT_GROUPS:
+    return grouped_conv2d_split(x, kernel, strides, padding, groups,
+                                precision)
   return _conv_lax(x, kernel, strides, padding, groups, precision)

@@ -1,0 +1,624 @@
+"""Whole-model speed: the Flax GhostNets against their PyTorch references.
+
+One command prints one table. For every model and batch size (224x224,
+float32) it measures
+
+* Flax inference images/s (``model.apply(..., train=False)`` under ``jit``;
+  ``--fold`` folds BatchNorm into the convolutions first with
+  :mod:`ghostnet_jax.inference`) and training-step images/s (forward, backward, optax SGD with momentum,
+  BatchNorm statistics, dropout; the state is donated),
+* the same for the PyTorch reference in NCHW and in ``channels_last``; the
+  better layout is the baseline (timm's models; for G-Ghost the test reference
+  ``tests/g_ghost_reference.py``), with ``torch.set_num_threads`` equal to the
+  number of cores XLA uses,
+* the ratio Flax / PyTorch (above 1: Flax is faster),
+* the Flax compile time (``lower`` + ``compile``, wall seconds) of the
+  inference function and of the training step,
+* peak memory of a call: for Flax the bytes of XLA's buffers for one call
+  beyond its arguments (``compiled.memory_analysis()``: temporaries + outputs
+  - outputs aliased to donated arguments; on any backend), for PyTorch the
+  rise of the process's peak resident set (``VmHWM``, reset before the first
+  call) over its resident set before the first call. Both leave out the
+  parameters and inputs that exist before the call.
+
+Each (model, batch, framework, mode) cell runs in a fresh subprocess, so
+compilation, allocator caches and earlier cells do not leak into its memory or
+its timing; the parent prints the table. Times are the median wall time of
+``--reps`` calls (at least ``--min-time`` seconds of calls) after one warm-up
+call; the JSON output also has the median process CPU time per call, which is
+less sensitive to other processes on a shared machine.
+
+``ghostnetv3_100`` runs inference in its deploy form (``deploy=True``, the
+re-parameterised single-branch network; PyTorch: timm's
+``convert_to_deploy()``) and trains in its training form (the multi-branch
+network one trains).
+
+Every worker calls :func:`ghostnet_jax.runtime.tune_malloc` before JAX or
+PyTorch starts (``--no-tune-malloc`` to compare): both frameworks run with the
+same allocator settings.
+
+Device-agnostic: on GPU/TPU the Flax cells run on the default device (and
+``conv_impl='auto'`` picks ``lax``); pass ``--no-torch`` where the PyTorch
+references are not wanted (they run on the CPU).
+
+Usage::
+
+  python benchmarks/bench.py                          # everything (~20 min)
+  python benchmarks/bench.py --models ghostnet_100 --batch 1,32
+  python benchmarks/bench.py --quick                  # CI smoke run, tiny
+  python benchmarks/bench.py --json results.json      # also write JSON
+  python benchmarks/bench.py --no-torch               # Flax only (GPU/TPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# This checkout's package and test references, before any installed copy.
+sys.path[:0] = [REPO, os.path.join(REPO, 'tests')]
+
+MODELS = ('ghostnet_100', 'ghostnetv2_100', 'ghostnetv3_100',
+          'g_ghost_regnetx_032')
+BATCHES = (1, 8, 32)
+# Create-model keyword arguments of the inference form, per model.
+INFERENCE_KWARGS = {'ghostnetv3_100': {'deploy': True}}
+# The smoke run: tiny, one process, one PyTorch thread (OpenMP spin-waiting
+# on a busy CI machine costs more than the work), and XLA's backend
+# optimisation level 0 (compiles the training step in about half the time;
+# the numbers of a --quick run mean nothing anyway).
+QUICK = dict(models=('ghostnet_050',), batches=(2,), image_size=32, reps=1,
+             min_time=0.0, threads=1,
+             compiler_options={'xla_backend_optimization_level': 0})
+
+
+# ---------------------------------------------------------------------------
+# Measurement helpers (used in the workers).
+# ---------------------------------------------------------------------------
+
+
+def _proc_status_kb(field: str) -> int | None:
+  try:
+    with open('/proc/self/status') as f:
+      for line in f:
+        if line.startswith(field + ':'):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return None
+
+
+def _reset_peak_rss() -> bool:
+  """Resets VmHWM to the current resident set (Linux >= 4.0)."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    return True
+  except OSError:
+    return False
+
+
+class PeakRss:
+  """Rise of the peak resident set over the resident set at ``start()``."""
+
+  def start(self):
+    self.ok = _reset_peak_rss()
+    self.before = _proc_status_kb('VmRSS')
+
+  def mb(self) -> float | None:
+    peak = _proc_status_kb('VmHWM')
+    if not self.ok or peak is None or self.before is None:
+      return None
+    return max(0, peak - self.before) / 1024
+
+
+def time_calls(fn, reps: int, min_time: float) -> dict:
+  """Median wall and CPU seconds per ``fn()`` call, after one warm-up call."""
+  fn()
+  walls, cpus = [], []
+  start = time.perf_counter()
+  while len(walls) < reps or time.perf_counter() - start < min_time:
+    w, c = time.perf_counter(), time.process_time()
+    fn()
+    walls.append(time.perf_counter() - w)
+    cpus.append(time.process_time() - c)
+    if len(walls) >= 1000:
+      break
+  walls.sort()
+  cpus.sort()
+  return dict(wall_s=walls[len(walls) // 2], cpu_s=cpus[len(cpus) // 2],
+              calls=len(walls))
+
+
+def cpu_threads() -> int:
+  """Cores this process may run on (XLA:CPU starts one thread per core)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:
+    return os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------
+# Flax worker.
+# ---------------------------------------------------------------------------
+
+
+def random_variables(model, image_size: int, seed: int = 0) -> dict:
+  """The model's variables filled with numpy random numbers.
+
+  Skips the initialisers (speed does not depend on the values): kernels
+  N(0, 1/fan_in), BatchNorm scales and variances U(0.5, 1.5), the rest
+  N(0, 0.1).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+  shapes = jax.eval_shape(
+      lambda x: model.init(jax.random.key(0), x, train=False), x)
+  rs = np.random.RandomState(seed)
+
+  def fill(path, leaf):
+    name = path[-1].key
+    if name in ('scale', 'var'):
+      value = rs.uniform(0.5, 1.5, leaf.shape)
+    elif name == 'kernel':
+      value = rs.randn(*leaf.shape) / math.sqrt(np.prod(leaf.shape[:-1]))
+    else:
+      value = rs.randn(*leaf.shape) * 0.1
+    return jnp.asarray(value, leaf.dtype)
+
+  return dict(jax.tree_util.tree_map_with_path(fill, dict(shapes)))
+
+
+def _memory_mb(compiled) -> float | None:
+  try:
+    m = compiled.memory_analysis()
+    return (m.temp_size_in_bytes + m.output_size_in_bytes
+            - m.alias_size_in_bytes) / 2**20
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def flax_worker(name: str, batch: int, mode: str, image_size: int, reps: int,
+                min_time: float, conv_impl: str,
+                compiler_options: dict | None = None,
+                fold: bool = False) -> dict:
+  """Compiles and times one Flax cell; returns its measurements."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import ghostnet_jax  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import inference, ops  # pylint: disable=g-import-not-at-top
+
+  kwargs = dict(conv_impl=conv_impl)
+  if mode == 'infer':
+    kwargs.update(INFERENCE_KWARGS.get(name, {}))
+  model = ghostnet_jax.create_model(name, **kwargs)
+  variables = random_variables(model, image_size)
+  rs = np.random.RandomState(1)
+  x = jnp.asarray(rs.randn(batch, image_size, image_size, 3), jnp.float32)
+  labels = jnp.asarray(rs.randint(0, 1000, batch), jnp.int32)
+  rss = PeakRss()
+  out = dict(impl=ops.resolve_impl(conv_impl), backend=jax.default_backend(),
+             device=str(jax.devices()[0].device_kind))
+
+  if mode == 'infer':
+    # --fold: BatchNorm folded into the convolutions once, outside jit
+    # (ghostnet_jax.inference); by default the plain apply, which XLA:CPU
+    # schedules better (BENCHMARKS.md).
+    paths = frozenset()
+    if fold:
+      variables, paths = inference.fold_batchnorm(model, variables)
+    fn = jax.jit(lambda v, x: inference.folded_apply(model, v, paths, x))
+    out['folded_batchnorms'] = len(paths)
+    t = time.perf_counter()
+    compiled = fn.lower(variables, x).compile(compiler_options)
+    out['compile_s'] = time.perf_counter() - t
+    rss.start()
+    timing = time_calls(lambda: compiled(variables, x).block_until_ready(),
+                        reps, min_time)
+  else:
+    tx = optax.sgd(0.01, momentum=0.9)
+
+    def train_step(state, x, labels):
+      params, batch_stats, opt_state, step = state
+
+      def loss_fn(p):
+        logits, new = model.apply(
+            {'params': p, 'batch_stats': batch_stats}, x, train=True,
+            mutable=['batch_stats'],
+            rngs={'dropout': jax.random.fold_in(jax.random.key(0), step)})
+        loss = optax.softmax_cross_entropy_with_integer_labels(
+            logits, labels).mean()
+        return loss, new['batch_stats']
+
+      (loss, batch_stats), grads = jax.value_and_grad(
+          loss_fn, has_aux=True)(params)
+      updates, opt_state = tx.update(grads, opt_state, params)
+      params = optax.apply_updates(params, updates)
+      return (params, batch_stats, opt_state, step + 1), loss
+
+    params = variables['params']
+    state = (params, variables['batch_stats'], tx.init(params),
+             jnp.zeros((), jnp.int32))
+    fn = jax.jit(train_step, donate_argnums=0)
+    t = time.perf_counter()
+    compiled = fn.lower(state, x, labels).compile(compiler_options)
+    out['compile_s'] = time.perf_counter() - t
+    holder = [state]
+
+    def call():
+      holder[0], loss = compiled(holder[0], x, labels)
+      loss.block_until_ready()
+
+    rss.start()
+    timing = time_calls(call, reps, min_time)
+  out.update(timing)
+  out['images_per_s'] = batch / timing['wall_s']
+  out['memory_mb'] = _memory_mb(compiled)
+  out['rss_rise_mb'] = rss.mb()
+  try:
+    stats = jax.devices()[0].memory_stats() or {}
+    if 'peak_bytes_in_use' in stats:
+      out['device_peak_mb'] = stats['peak_bytes_in_use'] / 2**20
+  except Exception:  # pylint: disable=broad-except
+    pass
+  return out
+
+
+# ---------------------------------------------------------------------------
+# PyTorch worker.
+# ---------------------------------------------------------------------------
+
+
+def torch_model(name: str, mode: str):
+  """The PyTorch reference of ``name`` (random weights)."""
+  if name.startswith('g_ghost'):
+    import g_ghost_reference  # pylint: disable=g-import-not-at-top
+    return g_ghost_reference.build(name)
+  from torch_reference import import_timm  # pylint: disable=g-import-not-at-top
+  model = import_timm().create_model(name, pretrained=False)
+  if mode == 'infer' and INFERENCE_KWARGS.get(name, {}).get('deploy'):
+    model.convert_to_deploy()
+  return model
+
+
+def torch_worker(name: str, batch: int, mode: str, layout: str,
+                 image_size: int, reps: int, min_time: float,
+                 threads: int) -> dict:
+  """Times one PyTorch cell; returns its measurements."""
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(threads)
+  fmt = (torch.channels_last if layout == 'channels_last'
+         else torch.contiguous_format)
+  model = torch_model(name, mode).to(memory_format=fmt)
+  gen = torch.Generator().manual_seed(1)
+  x = torch.randn(batch, 3, image_size, image_size, generator=gen).contiguous(
+      memory_format=fmt)
+  labels = torch.randint(0, 1000, (batch,), generator=gen)
+  rss = PeakRss()
+  if mode == 'infer':
+    model.eval()
+
+    def call():
+      with torch.inference_mode():
+        model(x)
+  else:
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def call():
+      opt.zero_grad(set_to_none=True)
+      loss = torch.nn.functional.cross_entropy(model(x), labels)
+      loss.backward()
+      opt.step()
+
+  rss.start()
+  timing = time_calls(call, reps, min_time)
+  out = dict(timing, images_per_s=batch / timing['wall_s'],
+             rss_rise_mb=rss.mb(), threads=torch.get_num_threads())
+  out['memory_mb'] = out['rss_rise_mb']
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Driver.
+# ---------------------------------------------------------------------------
+
+
+def _worker_main(args) -> None:
+  spec = json.loads(args.worker)
+  if spec.pop('tune_malloc'):
+    # Before JAX or PyTorch start their threads (see ghostnet_jax.runtime).
+    from ghostnet_jax import runtime  # pylint: disable=g-import-not-at-top
+    runtime.tune_malloc()
+  kind = spec.pop('kind')
+  try:
+    if kind == 'flax':
+      result = flax_worker(**spec)
+    else:
+      result = torch_worker(**spec)
+  except Exception as e:  # pylint: disable=broad-except
+    result = dict(error=f'{type(e).__name__}: {e}')
+  print('RESULT ' + json.dumps(result), flush=True)
+
+
+def run_cell_here(spec: dict) -> dict:
+  """Runs one cell in this process (``--in-process``)."""
+  spec = dict(spec)
+  spec.pop('tune_malloc')
+  kind = spec.pop('kind')
+  try:
+    return flax_worker(**spec) if kind == 'flax' else torch_worker(**spec)
+  except Exception as e:  # pylint: disable=broad-except
+    return dict(error=f'{type(e).__name__}: {e}')
+
+
+def run_cell(spec: dict, timeout: float, in_process: bool = False) -> dict:
+  """Runs one cell in a fresh Python process; returns its result dict."""
+  if in_process:
+    return run_cell_here(spec)
+  cmd = [sys.executable, os.path.abspath(__file__), '--worker',
+         json.dumps(spec)]
+  env = dict(os.environ)
+  env['PYTHONPATH'] = os.pathsep.join(
+      [REPO] + [p for p in env.get('PYTHONPATH', '').split(os.pathsep) if p])
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                          timeout=timeout, check=False)
+  except subprocess.TimeoutExpired:
+    return dict(error=f'timed out after {timeout:.0f} s')
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith('RESULT '):
+      return json.loads(line[len('RESULT '):])
+  tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+  return dict(error=f'worker exited {proc.returncode}: ' + ' | '.join(tail))
+
+
+def machine_info() -> dict:
+  info = dict(platform=platform.platform(), python=platform.python_version(),
+              cores=cpu_threads())
+  try:
+    out = subprocess.run(['lscpu'], capture_output=True, text=True,
+                         check=False).stdout
+    for line in out.splitlines():
+      if line.startswith('Model name:'):
+        info['cpu'] = line.split(':', 1)[1].strip()
+  except OSError:
+    pass
+  mem = None
+  try:
+    with open('/proc/meminfo') as f:
+      mem = int(f.readline().split()[1]) / 2**20
+  except OSError:
+    pass
+  info['memory_gib'] = mem
+  try:
+    info['loadavg_start'] = os.getloadavg()
+  except OSError:
+    pass
+  return info
+
+
+def versions(torch_wanted: bool) -> dict:
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  # No jax.devices() here: the parent must not claim an accelerator that
+  # the workers need.
+  v = dict(jax=jax.__version__, jaxlib=jaxlib.__version__,
+           flax=flax.__version__, optax=optax.__version__)
+  if torch_wanted:
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+      v['torch'] = torch.__version__
+      from torch_reference import import_timm  # pylint: disable=g-import-not-at-top
+      v['timm'] = import_timm().__version__
+    except ImportError:
+      pass
+  return v
+
+
+def _fmt(v, spec='.1f', width=7):
+  if v is None or (isinstance(v, float) and not math.isfinite(v)):
+    return f'{"-":>{width}}'
+  return f'{v:{width}{spec}}'
+
+
+def summarize(row: dict) -> dict:
+  """Adds the best PyTorch layout and the ratios to a row of cells."""
+  for mode in ('infer', 'train'):
+    flax = row.get(f'flax_{mode}', {})
+    best = None
+    for layout in ('nchw', 'channels_last'):
+      cell = row.get(f'torch_{mode}_{layout}')
+      if cell and 'images_per_s' in cell and (
+          best is None or cell['images_per_s'] > best[1]['images_per_s']):
+        best = (layout, cell)
+    if best:
+      row[f'torch_{mode}_best_layout'] = best[0]
+      row[f'torch_{mode}_images_per_s'] = best[1]['images_per_s']
+      row[f'torch_{mode}_memory_mb'] = best[1].get('memory_mb')
+      if 'images_per_s' in flax:
+        row[f'{mode}_ratio'] = flax['images_per_s'] / best[1]['images_per_s']
+  return row
+
+
+HEADER = (
+    f'{"model":<20} {"batch":>5} | {"inference img/s":^28} | '
+    f'{"training step img/s":^28} | {"compile s":^13} | '
+    f'{"peak MB flax/torch":^27}\n'
+    f'{"":<20} {"":>5} | {"flax":>7} {"torch":>7} {"":>4} {"x":>6} | '
+    f'{"flax":>7} {"torch":>7} {"":>4} {"x":>6} | {"inf":>6} {"train":>6} | '
+    f'{"inf":>13} {"train":>13}')
+LAYOUT_TAG = {'nchw': 'nchw', 'channels_last': 'cl'}
+
+
+def format_row(row: dict) -> str:
+  parts = [f'{row["model"]:<20} {row["batch"]:>5} |']
+  for mode in ('infer', 'train'):
+    flax = row.get(f'flax_{mode}', {})
+    tag = LAYOUT_TAG.get(row.get(f'torch_{mode}_best_layout'), '')
+    parts.append(f'{_fmt(flax.get("images_per_s"))} '
+                 f'{_fmt(row.get(f"torch_{mode}_images_per_s"))} {tag:>4} '
+                 f'{_fmt(row.get(f"{mode}_ratio"), ".2f", 6)} |')
+  parts.append(f'{_fmt(row.get("flax_infer", {}).get("compile_s"), ".1f", 6)} '
+               f'{_fmt(row.get("flax_train", {}).get("compile_s"), ".1f", 6)} |')
+  mems = []
+  for mode in ('infer', 'train'):
+    f = row.get(f'flax_{mode}', {}).get('memory_mb')
+    t = row.get(f'torch_{mode}_memory_mb')
+    mems.append(f'{_fmt(f, ".0f", 6)}/{_fmt(t, ".0f", 6)}')
+  parts.append(' '.join(mems))
+  return ' '.join(parts)
+
+
+def errors_of(row: dict) -> list[str]:
+  return [f'{row["model"]} b{row["batch"]} {k}: {v["error"]}'
+          for k, v in row.items() if isinstance(v, dict) and 'error' in v]
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(
+      description=__doc__.split('\n\n')[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--models', default=','.join(MODELS),
+                 help='comma-separated registry names')
+  p.add_argument('--batch', default=','.join(map(str, BATCHES)),
+                 help='comma-separated batch sizes')
+  p.add_argument('--image-size', type=int, default=224)
+  p.add_argument('--reps', type=int, default=5,
+                 help='timed calls per cell (at least), after one warm-up')
+  p.add_argument('--min-time', type=float, default=2.0,
+                 help='keep calling until this many seconds have passed')
+  p.add_argument('--quick', action='store_true',
+                 help='CI smoke run: ghostnet_050, batch 2, 32x32, 1 call, '
+                      'in one process, 1 torch thread, XLA -O0 (not timing)')
+  p.add_argument('--json', default=None,
+                 help="also write the results as JSON to this path ('-': "
+                      'stdout, instead of the table)')
+  p.add_argument('--no-torch', action='store_true',
+                 help='skip the PyTorch references')
+  p.add_argument('--no-train', action='store_true')
+  p.add_argument('--no-infer', action='store_true')
+  p.add_argument('--conv-impl', default='auto',
+                 help="Flax convolution lowering ('auto', 'lax', 'xla', 'ffi')")
+  p.add_argument('--fold', action='store_true',
+                 help='Flax inference with BatchNorm folded into the '
+                      'convolutions (ghostnet_jax.inference)')
+  p.add_argument('--threads', type=int, default=None,
+                 help='torch threads (default: the cores XLA uses)')
+  p.add_argument('--no-tune-malloc', action='store_true',
+                 help='leave glibc malloc at its defaults in the workers')
+  p.add_argument('--cell-timeout', type=float, default=1800)
+  p.add_argument('--in-process', action='store_true',
+                 help='run every cell in this process (faster start, but '
+                      'cells share allocator state: timings and memory are '
+                      'less clean; --quick does this)')
+  p.add_argument('--worker', default=None, help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.worker is not None:
+    _worker_main(args)
+    return 0
+  models = [m for m in args.models.split(',') if m]
+  batches = [int(b) for b in args.batch.split(',') if b]
+  image_size, reps, min_time = args.image_size, args.reps, args.min_time
+  if args.quick:
+    models, batches = list(QUICK['models']), list(QUICK['batches'])
+    image_size, reps = QUICK['image_size'], QUICK['reps']
+    min_time = QUICK['min_time']
+    args.in_process = True
+    args.threads = args.threads or QUICK['threads']
+    compiler_options = QUICK['compiler_options']
+  else:
+    compiler_options = None
+  if args.in_process and not args.no_tune_malloc:
+    from ghostnet_jax import runtime  # pylint: disable=g-import-not-at-top
+    runtime.tune_malloc()  # before any JAX or PyTorch computation
+  threads = args.threads or cpu_threads()
+  modes = [m for m in ('infer', 'train')
+           if not getattr(args, f'no_{m}')]
+  info = dict(machine=machine_info(), versions=versions(not args.no_torch),
+              command=' '.join([os.path.basename(sys.executable),
+                                os.path.relpath(__file__, REPO)]
+                               + (argv if argv is not None else sys.argv[1:])),
+              image_size=image_size, reps=reps, min_time_s=min_time,
+              torch_threads=threads, tune_malloc=not args.no_tune_malloc,
+              conv_impl=args.conv_impl, compiler_options=compiler_options,
+              fold_batchnorm=args.fold)
+  to_stdout = args.json == '-'
+  if not to_stdout:
+    m, v = info['machine'], info['versions']
+    print(f'{m.get("cpu", "?")}, {m["cores"]} cores, '
+          f'{_fmt(m.get("memory_gib"), ".0f", 0)} GiB; jax {v["jax"]}, '
+          f'flax {v["flax"]}'
+          + (f', torch {v["torch"]} ({threads} threads)' if 'torch' in v
+             else '')
+          + f'; {image_size}x{image_size} float32; load average '
+          f'{m.get("loadavg_start", ("?",))[0]}')
+    print(HEADER)
+    print('-' * len(HEADER.splitlines()[1]))
+  rows = []
+  base = dict(image_size=image_size, reps=reps, min_time=min_time,
+              tune_malloc=not args.no_tune_malloc)
+  for name in models:
+    for batch in batches:
+      row = dict(model=name, batch=batch)
+      for mode in modes:
+        if mode == 'train' and batch < 2 and name.startswith('g_ghost'):
+          row[f'flax_{mode}'] = dict(skipped='G-Ghost trains with batch >= 2')
+          continue
+        row[f'flax_{mode}'] = run_cell(
+            dict(base, kind='flax', name=name, batch=batch, mode=mode,
+                 conv_impl=args.conv_impl, compiler_options=compiler_options,
+                 fold=args.fold),
+            args.cell_timeout,
+            args.in_process)
+        if args.no_torch:
+          continue
+        for layout in ('nchw', 'channels_last'):
+          row[f'torch_{mode}_{layout}'] = run_cell(
+              dict(base, kind='torch', name=name, batch=batch, mode=mode,
+                   layout=layout, threads=threads), args.cell_timeout,
+              args.in_process)
+      summarize(row)
+      rows.append(row)
+      if not to_stdout:
+        print(format_row(row), flush=True)
+  try:
+    info['machine']['loadavg_end'] = os.getloadavg()
+  except OSError:
+    pass
+  errors = [e for row in rows for e in errors_of(row)]
+  if not to_stdout:
+    print(f'ratio x = Flax / PyTorch (better of NCHW and channels_last: '
+          f'"cl" = channels_last); load average at the end '
+          f'{info["machine"].get("loadavg_end", ("?",))[0]}')
+    for e in errors:
+      print('ERROR', e)
+  if args.json:
+    payload = json.dumps(dict(info, rows=rows), indent=1)
+    if to_stdout:
+      print(payload)
+    else:
+      with open(args.json, 'w') as f:
+        f.write(payload + '\n')
+  return 1 if errors else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

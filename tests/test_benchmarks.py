@@ -1,0 +1,72 @@
+"""Smoke test of ``benchmarks/bench.py --quick``: one tiny run, no timing.
+
+The benchmark runs as a subprocess (as CI would run it), prints its table and
+writes JSON; the test checks the rows, the columns and that every measured
+number is finite and positive. It asserts nothing about speed.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(REPO, 'benchmarks', 'bench.py')
+
+
+def _positive(value) -> bool:
+  return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.fixture(scope='module')
+def quick_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp('bench') / 'quick.json'
+  proc = subprocess.run(
+      [sys.executable, BENCH, '--quick', '--json', str(out)],
+      capture_output=True, text=True, timeout=300, cwd=REPO, check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  with open(out) as f:
+    return proc.stdout, json.load(f)
+
+
+def test_table_has_the_columns_and_one_row(quick_run):
+  stdout, _ = quick_run
+  lines = stdout.splitlines()
+  header = next(i for i, l in enumerate(lines) if l.startswith('model'))
+  for column in ('inference img/s', 'training step img/s', 'compile s',
+                 'peak MB'):
+    assert column in lines[header], column
+  for column in ('flax', 'torch', 'x', 'inf', 'train'):
+    assert column in lines[header + 1].split(), column
+  rows = [l for l in lines if l.startswith('ghostnet_050')]
+  assert len(rows) == 1
+  fields = rows[0].replace('|', ' ').split()
+  assert fields[1] == '2'  # the batch
+  numbers = [float(f) for f in fields[2:] if f.replace('.', '', 1).isdigit()]
+  assert len(numbers) >= 8 and all(n >= 0 for n in numbers)
+
+
+def test_json_has_finite_positive_measurements(quick_run):
+  _, result = quick_run
+  assert result['image_size'] == 32
+  assert result['versions']['jax'] and result['machine']['cores'] >= 1
+  (row,) = result['rows']
+  assert (row['model'], row['batch']) == ('ghostnet_050', 2)
+  for cell in ('flax_infer', 'flax_train', 'torch_infer_nchw',
+               'torch_infer_channels_last', 'torch_train_nchw',
+               'torch_train_channels_last'):
+    assert 'error' not in row[cell], row[cell]
+    for key in ('images_per_s', 'wall_s', 'cpu_s'):
+      assert _positive(row[cell][key]), (cell, key, row[cell][key])
+  for cell in ('flax_infer', 'flax_train'):
+    assert _positive(row[cell]['compile_s'])
+    assert row[cell]['memory_mb'] >= 0
+  for mode in ('infer', 'train'):
+    assert _positive(row[f'{mode}_ratio'])
+    assert row[f'torch_{mode}_best_layout'] in ('nchw', 'channels_last')
+    best = row[f'torch_{mode}_images_per_s']
+    assert math.isclose(row[f'{mode}_ratio'],
+                        row[f'flax_{mode}']['images_per_s'] / best)
