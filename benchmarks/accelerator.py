@@ -113,9 +113,10 @@ def _is_activation(dims: list[int], batch: int, min_spatial: int = 7) -> bool:
 def layout_ops(lowered_text: str, compiled_text: str, batch: int) -> dict:
   """Transposes / copies in both modules, activation-sized or not."""
   out = {}
-  lowered = [l for l in lowered_text.splitlines() if 'stablehlo.transpose' in l]
-  act = [l for l in lowered
-         if _is_activation(_dims(l.rsplit('->', 1)[-1]), batch)]
+  lowered = [line for line in lowered_text.splitlines()
+             if 'stablehlo.transpose' in line]
+  act = [line for line in lowered
+         if _is_activation(_dims(line.rsplit('->', 1)[-1]), batch)]
   out['lowered_transposes'] = len(lowered)
   out['lowered_activation_transposes'] = len(act)
   counts = collections.Counter()

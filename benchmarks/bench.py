@@ -151,31 +151,14 @@ def cpu_threads() -> int:
 
 
 def random_variables(model, image_size: int, seed: int = 0) -> dict:
-  """The model's variables filled with numpy random numbers.
-
-  Skips the initialisers (speed does not depend on the values): kernels
-  N(0, 1/fan_in), BatchNorm scales and variances U(0.5, 1.5), the rest
-  N(0, 0.1).
-  """
+  """The model's variables filled with numpy random numbers, without running
+  its initialisers (speed does not depend on the values); see
+  ``tests/torch_reference.py``'s ``random_flax_variables``."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  from torch_reference import random_flax_variables  # pylint: disable=g-import-not-at-top
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  shapes = jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False), x)
-  rs = np.random.RandomState(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name in ('scale', 'var'):
-      value = rs.uniform(0.5, 1.5, leaf.shape)
-    elif name == 'kernel':
-      value = rs.randn(*leaf.shape) / math.sqrt(np.prod(leaf.shape[:-1]))
-    else:
-      value = rs.randn(*leaf.shape) * 0.1
-    return jnp.asarray(value, leaf.dtype)
-
-  return dict(jax.tree_util.tree_map_with_path(fill, dict(shapes)))
+  return random_flax_variables(model, x, seed=seed, train=False)
 
 
 def _memory_mb(compiled) -> float | None:

@@ -133,6 +133,33 @@ def torch_layout(name: str, **create_kwargs) -> dict[str, tuple]:
   return layout
 
 
+def check_variables(variables: Mapping, model: str, num_classes: int,
+                    source: str, **create_kwargs) -> None:
+  """Checks a Flax variables tree (e.g. a restored orbax checkpoint) against
+  ``create_model(model, num_classes=num_classes, **create_kwargs)``.
+
+  Raises:
+    CheckpointError: listing, in one message, every missing, unexpected and
+      mis-shaped entry, named by its PyTorch key.
+  """
+  layout = torch_layout(model, num_classes=num_classes, **create_kwargs)
+  flat = {}
+  for collection in ('params', 'batch_stats'):
+    for path, leaf in _flatten(variables.get(collection, {})).items():
+      try:
+        key = flax_to_torch_key(collection, path)
+      except ValueError:
+        key = f'{collection}/{"/".join(path)}'
+      flat[key] = tuple(np.shape(leaf))
+  missing = sorted(k for k in layout if k not in flat)
+  unexpected = sorted(k for k in flat if k not in layout)
+  misshaped = [(k, _torch_shape(flat[k]), _torch_shape(layout[k][2]))
+               for k in sorted(layout) if k in flat and flat[k] != layout[k][2]]
+  if missing or unexpected or misshaped:
+    raise CheckpointError(_format_mismatch(
+        model, source, missing, unexpected, misshaped, []))
+
+
 # ------------------------------------------------------------------ loading
 
 

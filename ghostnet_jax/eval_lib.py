@@ -128,40 +128,6 @@ class LoadedCheckpoint:
                                  **kwargs)
 
 
-def _flatten(tree: Mapping, prefix=()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def check_variables(variables: Mapping, model: str, num_classes: int,
-                    source: str, **create_kwargs) -> None:
-  """Raises a :class:`convert.CheckpointError` listing every key and shape
-  of ``variables`` that does not fit ``create_model(model, num_classes)``."""
-  layout = convert.torch_layout(model, num_classes=num_classes,
-                                **create_kwargs)
-  flat = {}
-  for collection in ('params', 'batch_stats'):
-    for path, leaf in _flatten(variables.get(collection, {})).items():
-      try:
-        key = convert.flax_to_torch_key(collection, path)
-      except ValueError:
-        key = f'{collection}/{"/".join(path)}'
-      flat[key] = tuple(np.shape(leaf))
-  missing = sorted(k for k in layout if k not in flat)
-  unexpected = sorted(k for k in flat if k not in layout)
-  misshaped = [(k, convert._torch_shape(flat[k]),  # pylint: disable=protected-access
-                convert._torch_shape(layout[k][2]))  # pylint: disable=protected-access
-               for k in sorted(layout) if k in flat and flat[k] != layout[k][2]]
-  if missing or unexpected or misshaped:
-    raise convert.CheckpointError(convert._format_mismatch(  # pylint: disable=protected-access
-        model, source, missing, unexpected, misshaped, []))
-
-
 def _layout(model: str, num_classes: int = NUM_IMAGENET_CLASSES) -> dict:
   # Always with num_classes=: torch_layout caches by its arguments, and the
   # converter calls it that way.
@@ -289,7 +255,7 @@ def _load_converted(path: str, model: str | None,
         'whether they are EMA weights; --ema/--no-ema choose among the '
         'weights of a PyTorch file or a train.py workdir. Drop the option, or '
         'convert again with --ema or --no-ema.')
-  check_variables(variables, model, num_classes, source=path)
+  convert.check_variables(variables, model, num_classes, source=path)
   names = metadata.get('class_names')
   if names is not None:
     names = tuple(str(n) for n in names)
@@ -364,7 +330,7 @@ def _load_workdir(path: str, model: str | None, ema: bool | None,
     kwargs['dtype'] = _dtype(config.get('dtype'))
   if config.get('conv_impl'):
     kwargs['conv_impl'] = config.get('conv_impl')
-  check_variables(variables, model, num_classes, source=path,
+  convert.check_variables(variables, model, num_classes, source=path,
                   **dict((k, v) for k, v in kwargs.items() if k != 'dtype'))
   defaults = registry.get_eval_config(model)
   eval_config = registry.EvalConfig(

@@ -35,13 +35,13 @@ def quick_run(tmp_path_factory):
 def test_table_has_the_columns_and_one_row(quick_run):
   stdout, _ = quick_run
   lines = stdout.splitlines()
-  header = next(i for i, l in enumerate(lines) if l.startswith('model'))
+  header = next(i for i, line in enumerate(lines) if line.startswith('model'))
   for column in ('inference img/s', 'training step img/s', 'compile s',
                  'peak MB'):
     assert column in lines[header], column
   for column in ('flax', 'torch', 'x', 'inf', 'train'):
     assert column in lines[header + 1].split(), column
-  rows = [l for l in lines if l.startswith('ghostnet_050')]
+  rows = [line for line in lines if line.startswith('ghostnet_050')]
   assert len(rows) == 1
   fields = rows[0].replace('|', ' ').split()
   assert fields[1] == '2'  # the batch

@@ -21,7 +21,8 @@ import ghostnet_jax as gj
 from ghostnet_jax import convert, g_ghost, registry
 from ghostnet_jax.layers import BatchNorm, Conv2d
 from ghostnet_jax.utils import abstract_variables
-from torch_reference import nchw, nhwc, randomize_torch_model, relative_error
+from torch_reference import (nchw, nhwc, random_flax_variables,
+                             randomize_torch_model, relative_error)
 
 MODELS = list(R.CONFIGS)
 
@@ -58,26 +59,6 @@ RELEASED = {
 FEATURES = ('stride_2', 'stride_4', 'stride_8', 'stride_16', 'stride_32',
             'pre_logits', 'logits')
 TOL = 1e-4
-
-
-def _random_variables(module, *inputs, seed=0):
-  """Variables of ``module`` filled with random numbers, without running its
-  initialisers (compiling a jitted init costs ~20 s CPU here): kernels
-  N(0, 1/fan_in), BN scales and variances U(0.5, 1.5), the rest N(0, 0.1)."""
-  shapes = jax.eval_shape(module.init, jax.random.key(0), *inputs)
-  rs = np.random.RandomState(seed)
-
-  def fill(path, leaf):
-    name = path[-1].key
-    if name in ('scale', 'var'):
-      value = rs.uniform(0.5, 1.5, leaf.shape)
-    elif name == 'kernel':
-      value = rs.randn(*leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-    else:
-      value = rs.randn(*leaf.shape) * 0.1
-    return jnp.asarray(value, jnp.float32)
-
-  return jax.tree_util.tree_map_with_path(fill, dict(shapes))
 
 
 def _oihw(shape):
@@ -338,7 +319,7 @@ def test_round_trip_from_flax():
   """Flax variables -> to_torch_state_dict -> strict load -> same outputs."""
   model = g_ghost.GGhostRegNet(**SMALL, num_classes=10)
   x = np.random.RandomState(0).randn(2, 33, 33, 3).astype(np.float32)
-  variables = _random_variables(model, x[:1], seed=1)
+  variables = random_flax_variables(model, x[:1], seed=1)
   ref = R.GGhostRegNetRef(**SMALL, num_classes=10)
   ref.load_state_dict(convert.to_torch_state_dict(variables), strict=True)
   ref.eval()
@@ -403,7 +384,7 @@ def test_bfloat16_stage():
                           raw_divisor=8, conv=conv, norm=norm)
 
   x = jnp.asarray(np.random.RandomState(0).randn(2, 16, 16, 24), jnp.float32)
-  variables = _random_variables(stage(jnp.float32), x)
+  variables = random_flax_variables(stage(jnp.float32), x)
   y32 = jax.jit(stage(jnp.float32).apply)(variables, x)
   y16 = jax.jit(stage(jnp.bfloat16).apply)(variables, x)
   assert y16.dtype == jnp.bfloat16
@@ -461,7 +442,7 @@ def test_wrapper_structure_and_shapes():
   }
   assert set(shapes['batch_stats']) == {'merge_2', 'merge_5', 'cheap_1'}
 
-  variables = _random_variables(stage, x)
+  variables = random_flax_variables(stage, x)
   y, state = jax.jit(functools.partial(
       stage.apply, train=True, mutable=['batch_stats']))(variables, x)
   chex.assert_shape(y, (2, 8, 8, 20))
@@ -476,7 +457,7 @@ def test_wrapper_computes_the_g_ghost_formula():
   """The stage output recomputed by hand from its parts' parameters."""
   stage = _toy_stage()
   x = jnp.asarray(np.random.RandomState(1).randn(2, 15, 15, 6), jnp.float32)
-  variables = _random_variables(stage, x, seed=2)
+  variables = random_flax_variables(stage, x, seed=2)
 
   @jax.jit
   def by_hand(variables, x):
