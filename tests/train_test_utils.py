@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import types
 
@@ -113,15 +114,17 @@ def sigterm_pipeline(base, step_to_stop: int):
       eval_iterator=base.eval_iterator, train_iterator=train_iterator)
 
 
-def announcing_pipeline(base):
+def announcing_pipeline(base, pause_s: float = 0.0):
   """``base`` whose train iterator prints ``BATCH <step>`` (1-based) as it
-  hands out the batch of each step."""
+  hands out the batch of each step, then waits ``pause_s`` seconds (time for
+  a signal sent on seeing the line to arrive before that step runs)."""
 
   def train_iterator(**kwargs):
     step = kwargs['start_step']
     for batch in base.train_iterator(**kwargs):
       step += 1
       print(f'BATCH {step}', flush=True)
+      time.sleep(pause_s)
       yield batch
 
   return types.SimpleNamespace(

@@ -12,7 +12,7 @@ may have ``sigterm_at`` (send SIGTERM to this process while fetching the
 batch of that step, 1-based). With ``announce`` the worker prints
 ``BATCH <step>`` when it fetches the batch of a step and ``SAVE_STARTED
 <step>`` when a checkpoint save has been started (async: still being
-written); ``slow_commit_s`` delays each checkpoint's commit (the rename of its
+written), and waits ``batch_pause_s`` after each ``BATCH`` line; ``slow_commit_s`` delays each checkpoint's commit (the rename of its
 temporary directory) by that many seconds, so a test can kill the process
 while a checkpoint is half written. Prints one line
 ``RESULT <json list of final metrics>``.
@@ -46,7 +46,8 @@ def main():
   import fake_input  # pylint: disable=g-import-not-at-top
   base = fake_input if spec.get('fake_input') else train_lib.input_pipeline
   if spec.get('announce'):
-    base = train_test_utils.announcing_pipeline(base)
+    base = train_test_utils.announcing_pipeline(
+        base, spec.get('batch_pause_s', 0.0))
     train_test_utils.announce_saves(train_lib.ckpt_lib)
   if spec.get('slow_commit_s'):
     train_test_utils.slow_checkpoint_commit(spec['slow_commit_s'])
