@@ -428,3 +428,120 @@ def test_skip_nonfinite_steps_must_be_a_bool():
                      match="config.skip_nonfinite_steps must be True or "
                      "False; got 'yes'"):
     train_lib.validate_config(config)
+
+
+# ------------------------------------------------------------------------------
+# 3. Converter fuzzing
+# ------------------------------------------------------------------------------
+
+FUZZ_MODEL = 'ghostnet_050'
+
+
+def _fuzz_cases(sd: dict, data: bytes, rs: np.random.RandomState):
+  """``(kind, payload, expect)``: payload is bytes (written as is) or an
+  object (``torch.save``d); expect is ``'equal'``, ``'close'`` (half
+  precision) or a regex the refusal must match."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import convert  # pylint: disable=g-import-not-at-top
+  keys = sorted(sd)
+  weights = [k for k in keys if not k.endswith('num_batches_tracked')]
+  corrupt = r'truncated or corrupt|damaged zip|not a PyTorch checkpoint|empty'
+  for offset in sorted(rs.randint(0, len(data), size=8)):
+    yield 'truncated', data[:offset], corrupt
+  for head in (b'', b'PK\x03\x04', b'\x80\x02', b'<html>'):
+    yield 'random bytes', head + rs.bytes(rs.randint(1, 50000)), corrupt
+
+  def random_layout(name):
+    return {k: torch.from_numpy(rs.randn(*convert._torch_shape(shape)).astype(
+        np.float32)) for k, (_, _, shape) in convert.torch_layout(name).items()}
+
+  yield ('other architecture', random_layout('ghostnet_100'),
+         r'(?s)does not match ghostnet_050.*looks like a checkpoint of: '
+         r'ghostnet_100')
+  yield ('other architecture', random_layout('ghostnetv2_100'),
+         'does not match ghostnet_050')
+  yield ('other architecture', torch.nn.Sequential(
+      torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).state_dict(),
+         r'does not match ghostnet_050: \d+ missing, 6 unexpected')
+  for key in rs.choice(weights, size=4, replace=False):
+    t = sd[key]
+    bad = dict(sd)
+    bad[key] = (t[:-1] if t.shape[0] > 1 else torch.cat([t, t]))
+    yield 'shape mismatch', bad, rf'mis-shaped.*\n(.*\n)*\s+{re.escape(key)}: '
+  for dtype in (torch.float16, torch.bfloat16):
+    yield (f'{dtype}', {k: v.to(dtype) if v.is_floating_point() else v
+                        for k, v in sd.items()}, 'close')
+  big = dict(sd)
+  big[weights[0]] = sd[weights[0]] * 1e6  # fine in fp32, inf in fp16
+  yield 'fp16 overflow', {k: v.half() if v.is_floating_point() else v
+                          for k, v in big.items()}, 'NaN or Inf'
+  for i in range(3):
+    extra = dict(sd)
+    name = f'{rs.choice(weights).rsplit(".", 1)[0]}.extra{i}.weight'
+    extra[name] = torch.zeros(3)
+    yield 'extra key', extra, rf'1 unexpected(.*\n)*\s+{re.escape(name)}'
+  for key in rs.choice(weights, size=3, replace=False):
+    missing = {k: v for k, v in sd.items() if k != key}
+    yield 'missing key', missing, rf'1 missing(.*\n)*\s+{re.escape(key)}'
+  wrappers = ['state_dict', 'model', 'module', 'net', 'state_dict_ema']
+  for depth in (1, 2, 3, 2):
+    obj = {f'module.{k}' if rs.rand() < 0.5 else k: v for k, v in sd.items()}
+    for _ in range(depth):
+      obj = {str(rs.choice(wrappers)): obj, 'epoch': 7, 'arch': 'ghostnet'}
+    yield 'nested wrapper', obj, 'equal'
+  dup = dict(sd)
+  dup[f'module.{weights[1]}'] = sd[weights[1]] + 1
+  yield 'duplicate after module. prefix', dup, 'both name'
+  ints = dict(sd)
+  ints[weights[2]] = sd[weights[2]].to(torch.int32)
+  yield 'integer weights', ints, 'expected floats'
+  yield 'list of tensors', list(sd.values()), 'not a state_dict'
+  yield ('two state_dicts', {'a': sd, 'b': sd},
+         'Cannot find a state_dict')
+
+
+def test_converter_fuzz_loads_equal_or_refuses_clearly(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  import ghostnet_jax  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import convert, utils  # pylint: disable=g-import-not-at-top
+  model = ghostnet_jax.create_model(FUZZ_MODEL, num_classes=10)
+  variables = jax.device_get(utils.init_variables(model, 5, image_size=32))
+  sd = convert.to_torch_state_dict(variables)
+  good = tmp_path / 'good.pth'
+  torch.save(sd, good)
+  reference = convert.load_torch_checkpoint(str(good), FUZZ_MODEL,
+                                            num_classes=10)
+  chex.assert_trees_all_equal(reference, variables)
+  apply = jax.jit(lambda v, x: model.apply(v, x))
+  x = np.random.RandomState(0).randn(2, 32, 32, 3).astype(np.float32)
+  want = np.asarray(apply(reference, x))
+
+  outcomes = collections.Counter()
+  rs = np.random.RandomState(1234)
+  for i, (kind, payload, expect) in enumerate(
+      _fuzz_cases(sd, good.read_bytes(), rs)):
+    path = tmp_path / f'case{i}.pth'
+    if isinstance(payload, bytes):
+      path.write_bytes(payload)
+    else:
+      torch.save(payload, path)
+    try:
+      got = convert.load_torch_checkpoint(str(path), FUZZ_MODEL,
+                                          num_classes=10)
+    except (convert.CheckpointError, FileNotFoundError) as e:
+      assert expect not in ('equal', 'close'), f'{kind} refused: {e}'
+      assert re.search(expect, str(e)), (kind, expect, str(e))
+      assert str(path) in str(e), (kind, str(e))  # the error names the file
+      outcomes[f'{kind}: refused'] += 1
+      continue
+    assert expect in ('equal', 'close'), f'{kind} loaded, expected {expect}'
+    if expect == 'equal':
+      chex.assert_trees_all_equal(got, reference)
+    else:
+      assert {a.dtype for a in jax.tree_util.tree_leaves(got)} == {
+          np.dtype(np.float32)}
+      np.testing.assert_allclose(np.asarray(apply(got, x)), want,
+                                 rtol=0.05, atol=0.05, err_msg=kind)
+    outcomes[f'{kind}: loaded correctly'] += 1
+  assert sum(outcomes.values()) == 36
+  print('FAULTS converter:', dict(sorted(outcomes.items())))
