@@ -245,8 +245,8 @@ def test_skipped_nonfinite_step_leaves_the_state_as_it_was():
   config = train_test_utils.tiny_config()
   model = train_lib.model_from_config(config, 10)
   tx = optax.sgd(0.1, momentum=0.9)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)),
-                         train=False)
+  from ghostnet_jax import utils  # pylint: disable=g-import-not-at-top
+  variables = utils.init_variables(model, 0, image_size=16)
   state = train_lib.TrainState(
       step=jnp.zeros((), jnp.int32), params=variables['params'],
       batch_stats=variables['batch_stats'],
