@@ -27,7 +27,20 @@ Design (see ``configs/default.py`` for every config field):
   and ``config.json`` in the workdir. Process 0 writes them.
 
 Bad input fails before any compute with a :class:`ConfigError` naming the
-field, and nothing already in the workdir is touched.
+field (also an unwritable workdir), and nothing already in the workdir is
+touched.
+
+Faults during a run:
+
+* **kill -9**: orbax writes each step into ``<step>.orbax-checkpoint-tmp``
+  and renames it when complete; the rerun resumes from the last committed
+  step and removes the temporary directories (tests/test_faults.py).
+* **NaN / Inf** loss or gradients: counted on the device; at the next log,
+  eval or checkpoint step a :class:`NonFiniteLossError` names the first bad
+  step and the fixes, before anything of the bad state is saved. With
+  ``skip_nonfinite_steps`` such steps leave the state as it was instead.
+* **A failed checkpoint write** (full disk, permissions): a
+  :class:`CheckpointWriteError` naming the step and the intact checkpoints.
 """
 
 from __future__ import annotations

@@ -45,17 +45,6 @@ from ghostnet_jax import train_lib
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
 
 
-@pytest.fixture(scope='module')
-def compilation_cache(tmp_path_factory):
-  return train_test_utils.compilation_cache(tmp_path_factory)
-
-
-@pytest.fixture
-def fake_pipeline(monkeypatch):
-  monkeypatch.setattr(train_lib, 'input_pipeline', fake_input)
-  return fake_input
-
-
 def _steps_on_disk(ckpt_dir) -> tuple[list[int], list[str]]:
   """(committed steps, names of uncommitted temporary step directories)."""
   if not os.path.isdir(ckpt_dir):
