@@ -50,7 +50,8 @@ def main(argv):
           flush=True)
   try:
     train_lib.train_and_evaluate(_CONFIG.value, workdir)
-  except train_lib.ConfigError as e:
+  except (train_lib.ConfigError, train_lib.NonFiniteLossError,
+          train_lib.CheckpointWriteError) as e:
     raise SystemExit(f'error: {e}') from None
 
 

@@ -74,6 +74,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.1
   c.grad_clip_norm = 0.0               # global-norm clipping (0: off)
   c.ema_decay = 0.0                    # parameter EMA, used for evaluation (0: off)
+  c.skip_nonfinite_steps = False       # NaN/Inf loss or gradients: False stops with an error
+                                       # naming the step; True skips the update and goes on
 
   # --- sharding and hosts ---
   c.mesh_shape = (-1, 1)               # (data, fsdp); fsdp > 1 shards params/opt state

@@ -131,7 +131,10 @@ def train_checkpoint_manager(directory: str | os.PathLike, *, keep: int,
       best_fn=lambda m: m[BEST_METRIC], best_mode='max',
       preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(
           policies),
-      enable_async_checkpointing=async_save, create=True)
+      enable_async_checkpointing=async_save, create=True,
+      # A save killed before its commit leaves a ``<step>.orbax-checkpoint-tmp``
+      # directory; it is never restored (not a step) and is removed here.
+      cleanup_tmp_directories=True)
   return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)),
                                options=options, item_handlers=item_handlers())
 

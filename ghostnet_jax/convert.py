@@ -279,9 +279,9 @@ def select_state_dict(obj: Any, ema: bool | None = None,
 def clean_state_dict(state_dict: Mapping[str, Any],
                      key_map=None) -> dict[str, np.ndarray]:
   """Strips wrapper prefixes, drops ignored keys, converts to float32 numpy."""
-  out = {}
-  for key, value in state_dict.items():
-    key = str(key)
+  out, origin = {}, {}
+  for raw_key, value in state_dict.items():
+    key = str(raw_key)
     for prefix in STRIPPED_PREFIXES:
       while key.startswith(prefix):
         key = key[len(prefix):]
@@ -289,6 +289,12 @@ def clean_state_dict(state_dict: Mapping[str, Any],
       continue
     if key_map is not None:
       key = key_map(key)
+    if key in out:  # one would silently replace the other
+      raise CheckpointError(
+          f'{origin[key]!r} and {str(raw_key)!r} both name {key!r} once the '
+          f'wrapper prefixes {STRIPPED_PREFIXES} are stripped; the checkpoint '
+          'mixes two state_dicts. Pass the one you mean.')
+    origin[key] = str(raw_key)
     out[key] = _to_numpy(value, key)
   return out
 
@@ -382,7 +388,10 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], name: str, *,
       once (strict), or naming non-finite tensors.
   """
   entry = registry.get_entry(name)
-  sd = clean_state_dict(state_dict, entry.torch_key_map)
+  try:
+    sd = clean_state_dict(state_dict, entry.torch_key_map)
+  except CheckpointError as e:
+    raise CheckpointError(f'{source}: {e}') from None
   layout = torch_layout(name, **create_kwargs)
 
   missing = sorted(k for k in layout if k not in sd)

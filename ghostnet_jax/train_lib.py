@@ -27,7 +27,20 @@ Design (see ``configs/default.py`` for every config field):
   and ``config.json`` in the workdir. Process 0 writes them.
 
 Bad input fails before any compute with a :class:`ConfigError` naming the
-field, and nothing already in the workdir is touched.
+field (also an unwritable workdir), and nothing already in the workdir is
+touched.
+
+Faults during a run:
+
+* **kill -9**: orbax writes each step into ``<step>.orbax-checkpoint-tmp``
+  and renames it when complete; the rerun resumes from the last committed
+  step and removes the temporary directories (tests/test_faults.py).
+* **NaN / Inf** loss or gradients: counted on the device; at the next log,
+  eval or checkpoint step a :class:`NonFiniteLossError` names the first bad
+  step and the fixes, before anything of the bad state is saved. With
+  ``skip_nonfinite_steps`` such steps leave the state as it was instead.
+* **A failed checkpoint write** (full disk, permissions): a
+  :class:`CheckpointWriteError` naming the step and the intact checkpoints.
 """
 
 from __future__ import annotations
@@ -64,6 +77,26 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 class ConfigError(ValueError):
   """A configuration (or workdir) that cannot be trained; names the field."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or the gradients became NaN/Inf; names the first bad step.
+
+  Raised where the host looks at the metrics (log, eval and checkpoint
+  steps), always before a checkpoint of the bad state could be written.
+  """
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (disk full, permissions, ...).
+
+  Orbax writes each step into a temporary directory and renames it when
+  complete, so the checkpoints committed before are left as they were.
+  """
 
 
 @flax.struct.dataclass
@@ -104,7 +137,7 @@ FIELDS = REQUIRED_FIELDS + (
     'mesh_shape', 'fsdp_min_size', 'distributed', 'coordinator_address',
     'num_processes', 'process_id', 'keep_checkpoints',
     'keep_best_checkpoints', 'async_checkpointing', 'eval_every_steps',
-    'log_every_steps', 'progress_bar')
+    'log_every_steps', 'progress_bar', 'skip_nonfinite_steps')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -155,6 +188,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'config.num_train_steps must be > 0 (or config.num_epochs > 0); got '
         f'num_train_steps={config.num_train_steps}, '
         f'num_epochs={config.get("num_epochs")}.')
+  if not isinstance(config.skip_nonfinite_steps, bool):
+    raise ConfigError(f'config.skip_nonfinite_steps must be True or False; '
+                      f'got {config.skip_nonfinite_steps!r}.')
   if not isinstance(config.eval_every_steps, int) or config.eval_every_steps < -1:
     raise ConfigError(f'config.eval_every_steps must be an int >= -1 (0: at '
                       f'the end only, -1: never); got '
@@ -340,11 +376,18 @@ def topk_correct(logits: jax.Array, labels: jax.Array,
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, num_classes: int,
                     label_smoothing: float, ema_decay: float,
-                    seed: int, gather: Callable = lambda t: t) -> Callable:
+                    seed: int, gather: Callable = lambda t: t,
+                    skip_nonfinite: bool = False) -> Callable:
   """The update ``(state, batch) -> (state, metrics)`` over a global batch.
 
   Dropout keys are ``fold_in(key(seed), step)``: a step's randomness depends
   only on the seed and the step, whatever the sharding, and resumes exactly.
+
+  ``metrics['finite']`` is a boolean scalar: loss and gradient norm are
+  finite. With ``skip_nonfinite`` a step where they are not keeps params,
+  BatchNorm statistics, optimizer state and EMA as they were (only the step
+  counter advances, so the data order is unchanged); the selection happens
+  on the device and costs no host transfer.
 
   ``gather`` maps the stored variables to the ones the model computes with;
   under FSDP it all-gathers them (``with_sharding_constraint`` to replicated)
@@ -379,10 +422,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         'learning_rate': schedule(state.step),
         'grad_norm': optax.global_norm(grads),
     }
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=batch_stats, opt_state=opt_state,
-                              ema=ema)
-    return new_state, metrics
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
+    metrics['finite'] = finite
+    new_state = state.replace(params=params, batch_stats=batch_stats,
+                              opt_state=opt_state, ema=ema)
+    if skip_nonfinite:
+      new_state = jax.tree_util.tree_map(
+          lambda new, old: jnp.where(finite, new, old), new_state, state)
+    return new_state.replace(step=state.step + 1), metrics
 
   return step_fn
 
@@ -578,13 +625,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   gather = functools.partial(jax.lax.with_sharding_constraint,
                              shardings=replicated)
   train_step = jax.jit(
-      make_train_step(model, tx, schedule, num_classes=num_classes,
-                      label_smoothing=config.label_smoothing,
-                      ema_decay=config.ema_decay, seed=config.seed,
-                      gather=gather),
-      in_shardings=(state_sharding, batch_sharding),
-      out_shardings=(state_sharding, replicated),
-      donate_argnums=(0,))
+      _count_nonfinite(make_train_step(
+          model, tx, schedule, num_classes=num_classes,
+          label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
+          seed=config.seed, gather=gather,
+          skip_nonfinite=config.skip_nonfinite_steps)),
+      in_shardings=(state_sharding, replicated, batch_sharding),
+      out_shardings=(state_sharding, replicated, replicated),
+      donate_argnums=(0, 1))
   eval_step = jax.jit(
       make_eval_step(model, num_classes, gather),
       in_shardings=(_eval_variables_sharding(state_sharding), batch_sharding),
@@ -594,7 +642,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # Checkpoint: resume, or initialise (born sharded)
   # ----------------------------------------------------------------------------
   if is_main:
-    os.makedirs(workdir, exist_ok=True)
+    check_writable(workdir)
     _write_json(os.path.join(workdir, CONFIG_NAME), json.loads(
         config.to_json_best_effort()))
   mngr = ckpt_lib.train_checkpoint_manager(
@@ -618,11 +666,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         jax.random.key(config.seed))
   start_step = int(jax.device_get(state.step))
 
+  # Steps whose save was started (async saves finish in the background; a
+  # failure shows in a later save() or wait_until_finished()).
+  saves = []
+
   def save(step, metrics=None, force=False):
-    mngr.save(step, args=ocp.args.Composite(**{
-        ckpt_lib.STATE: ocp.args.StandardSave(state),
-        ckpt_lib.META: ocp.args.JsonSave({**meta, 'step': step}),
-    }), metrics=metrics, force=force)
+    check_finite(step)  # never checkpoint a NaN state
+    saves.append(step)
+    with _checkpoint_errors(mngr, saves):
+      mngr.save(step, args=ocp.args.Composite(**{
+          ckpt_lib.STATE: ocp.args.StandardSave(state),
+          ckpt_lib.META: ocp.args.JsonSave({**meta, 'step': step}),
+      }), metrics=metrics, force=force)
+
+  # Non-finite steps: counted on the device ({first step, count}); the host
+  # looks only where it fetches metrics anyway and before every save.
+  health = jax.device_put(
+      {'first_step': np.zeros((), np.int32), 'count': np.zeros((), np.int32)},
+      replicated)
+  seen = {'step': -1, 'count': 0}
+
+  def check_finite(step):
+    if seen['step'] == step:
+      return
+    seen['step'] = step
+    h = {k: int(v) for k, v in jax.device_get(health).items()}
+    if not h['count'] or h['count'] == seen['count']:
+      return
+    if config.skip_nonfinite_steps:
+      logger.print(f'Skipped {h["count"] - seen["count"]} step(s) with a '
+                   f'non-finite loss or gradient up to step {step} '
+                   f'({h["count"]} in this run, the first at step '
+                   f'{h["first_step"]}).')
+      seen['count'] = h['count']
+      return
+    raise NonFiniteLossError(_nonfinite_message(
+        h['first_step'], config, schedule, mngr), h['first_step'])
 
   # ----------------------------------------------------------------------------
   # Eval
@@ -662,11 +741,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     with jax.transfer_guard('disallow'):
       for step in range(start_step + 1, total_steps + 1):
         batch = shd.put_batch(next(train_iter), batch_sharding)
-        state, train_metrics = train_step(state, batch)
+        state, health, train_metrics = train_step(state, health, batch)
         window_steps += 1
         logger.update(1)
 
         if step % config.log_every_steps == 0 or step == total_steps:
+          check_finite(step)
           last_train = _to_python(train_metrics)
           elapsed = time.perf_counter() - window_start
           last_train['step_time'] = elapsed / window_steps
@@ -688,6 +768,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
         eval_metrics = None
         if do_eval and (step % eval_every == 0 or step == total_steps):
+          check_finite(step)
           eval_metrics = evaluate()
           last_eval = {**eval_metrics, 'step': step}
           logger.write(step, {k: v for k, v in eval_metrics.items()
@@ -707,9 +788,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     if do_eval and not preempted and not last_eval:  # resumed past the end
       last_eval = {**evaluate(), 'step': start_step}
   finally:
-    mngr.wait_until_finished()
-    preemption.restore()
-    logger.close()
+    try:
+      with _checkpoint_errors(mngr, saves):
+        mngr.wait_until_finished()
+    finally:
+      preemption.restore()
+      logger.close()
 
   # ----------------------------------------------------------------------------
   # Final report
@@ -725,6 +809,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       'eval_split': config.eval_split,
       'evaluated_ema': config.ema_decay > 0,
       'best_step': mngr.best_step(),
+      'nonfinite_steps_skipped': seen['count'],
       'wall_time_s': time.perf_counter() - run_start,
       'checkpoint_dir': str(mngr.directory),
       'workdir': workdir,
@@ -750,6 +835,105 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         f'{logger.csv_path}, {os.path.join(workdir, "tensorboard")}\n'
         f'  plot:        {plot}')
   return final
+
+
+def check_writable(workdir: str) -> None:
+  """Creates ``workdir`` if needed and proves it (and its checkpoints) take
+  a file, before any compute.
+
+  Raises:
+    ConfigError: naming the directory and the OS error; nothing already in
+      it was changed.
+  """
+  probe_dirs = [workdir, os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)]
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    for d in probe_dirs:
+      if not os.path.isdir(d):
+        continue
+      probe = os.path.join(d, f'.write_test.{os.getpid()}')
+      with open(probe, 'w') as f:
+        f.write('ok')
+      os.remove(probe)
+  except OSError as e:
+    raise ConfigError(
+        f'workdir {workdir} is not writable: {e.strerror or e} '
+        f'({e.filename or workdir}). Fix its permissions or free '
+        'space, or use another --workdir; nothing in it was changed.'
+    ) from None
+
+
+class _checkpoint_errors:  # pylint: disable=invalid-name
+  """Turns an ``OSError`` of an orbax save into a :class:`CheckpointWriteError`
+  naming the step, the directory and the checkpoints that are still intact."""
+
+  def __init__(self, mngr: ocp.CheckpointManager, saves: list[int]):
+    self.mngr, self.saves = mngr, saves
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc is None or not isinstance(exc, OSError) or isinstance(
+        exc, CheckpointWriteError):
+      return False
+    directory = str(self.mngr.directory)
+    kept = sorted(_committed_steps(directory))
+    # An async save fails in the background and shows at a later call: the
+    # failed one is the first started save that was not committed.
+    pending = [s for s in self.saves if s not in kept and s > max(kept or [-1])]
+    step = pending[0] if pending else (self.saves or [None])[-1]
+    raise CheckpointWriteError(
+        exc.errno,
+        f'Could not write the checkpoint of step {step} to {directory}: '
+        f'{exc.strerror or exc}. Is the disk full or the directory '
+        f'unwritable? The checkpoints committed before (steps {kept}) are '
+        'intact; free space or fix permissions and rerun the same command to '
+        f'resume from step {kept[-1] if kept else 0}.') from exc
+
+
+def _committed_steps(directory: str) -> list[int]:
+  """Steps whose orbax directory was committed (renamed from its tmp name)."""
+  if not os.path.isdir(directory):
+    return []
+  return [int(n) for n in os.listdir(directory)
+          if n.isdigit() and os.path.isdir(os.path.join(directory, n))]
+
+
+def _count_nonfinite(step_fn: Callable) -> Callable:
+  """``(state, health, batch) -> (state, health, metrics)``: ``step_fn``
+  with a device-side count of non-finite steps and the first one (1-based)."""
+
+  def fn(state, health, batch):
+    new_state, metrics = step_fn(state, batch)
+    bad = ~metrics.pop('finite')
+    first = jnp.where(bad & (health['count'] == 0), new_state.step,
+                      health['first_step'])
+    return new_state, {'first_step': first,
+                       'count': health['count'] + bad.astype(jnp.int32)}, metrics
+
+  return fn
+
+
+def _nonfinite_message(step: int, config, schedule, mngr) -> str:
+  mngr.wait_until_finished()  # saves started before are good: let them land
+  kept = sorted(_committed_steps(str(mngr.directory)))
+  with jax.transfer_guard('allow'):  # an error path, once
+    lr = float(schedule(step - 1))
+  hints = [f'lower config.learning_rate (now {config.learning_rate:g}; '
+           f'{lr:.3g} at that step)']
+  if config.dtype == 'bfloat16':
+    hints.append("disable bf16 compute (config.dtype='float32')")
+  else:
+    hints.append("keep config.dtype='float32' (bfloat16 overflows sooner)")
+  if not config.grad_clip_norm:
+    hints.append('clip gradients (config.grad_clip_norm=1.0)')
+  hints.append('or set config.skip_nonfinite_steps=True to skip such steps')
+  return (f'The loss or the gradients became NaN/Inf at step {step}. The '
+          f'state after it was not saved: the checkpoints in {mngr.directory} '
+          f'(steps {kept}) are from before and untouched, and a rerun resumes '
+          f'from step {kept[-1] if kept else 0}. To fix: '
+          + '; '.join(hints) + '.')
 
 
 def _pct(v) -> str:

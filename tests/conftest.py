@@ -16,6 +16,22 @@ def timm():
   return import_timm()
 
 
+@pytest.fixture(scope='session')
+def compilation_cache(tmp_path_factory):
+  """A persistent JAX compilation cache shared by a session's workers."""
+  import train_test_utils
+  return train_test_utils.compilation_cache(tmp_path_factory)
+
+
+@pytest.fixture
+def fake_pipeline(monkeypatch):
+  """The trainer reads tests/fake_input.py instead of tfds."""
+  import fake_input
+  from ghostnet_jax import train_lib
+  monkeypatch.setattr(train_lib, 'input_pipeline', fake_input)
+  return fake_input
+
+
 @pytest.fixture
 def rng():
   return np.random.RandomState(0)

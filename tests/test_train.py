@@ -15,7 +15,6 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-import fake_input
 import train_test_utils
 from ghostnet_jax import checkpoint as ckpt_lib
 from ghostnet_jax import optim
@@ -27,17 +26,6 @@ from ghostnet_jax import train_logging
 @pytest.fixture(scope='session')
 def digits_dir(tmp_path_factory):
   return train_test_utils.digits_dir(tmp_path_factory)
-
-
-@pytest.fixture(scope='session')
-def compilation_cache(tmp_path_factory):
-  return train_test_utils.compilation_cache(tmp_path_factory)
-
-
-@pytest.fixture
-def fake_pipeline(monkeypatch):
-  monkeypatch.setattr(train_lib, 'input_pipeline', fake_input)
-  return fake_input
 
 
 # ------------------------------------------------------------------------------

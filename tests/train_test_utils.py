@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import types
 
@@ -111,6 +112,58 @@ def sigterm_pipeline(base, step_to_stop: int):
   return types.SimpleNamespace(
       get_dataset_info=base.get_dataset_info,
       eval_iterator=base.eval_iterator, train_iterator=train_iterator)
+
+
+def announcing_pipeline(base, pause_s: float = 0.0):
+  """``base`` whose train iterator prints ``BATCH <step>`` (1-based) as it
+  hands out the batch of each step, then waits ``pause_s`` seconds (time for
+  a signal sent on seeing the line to arrive before that step runs)."""
+
+  def train_iterator(**kwargs):
+    step = kwargs['start_step']
+    for batch in base.train_iterator(**kwargs):
+      step += 1
+      print(f'BATCH {step}', flush=True)
+      time.sleep(pause_s)
+      yield batch
+
+  return types.SimpleNamespace(
+      get_dataset_info=base.get_dataset_info,
+      eval_iterator=base.eval_iterator, train_iterator=train_iterator)
+
+
+def announce_saves(ckpt_lib) -> None:
+  """Makes the trainer's checkpoint managers print ``SAVE_STARTED <step>``
+  once ``save`` returns (an async save is then still being written)."""
+  make = ckpt_lib.train_checkpoint_manager
+
+  def train_checkpoint_manager(*args, **kwargs):
+    mngr = make(*args, **kwargs)
+    save = mngr.save
+
+    def announced(step, *a, **kw):
+      out = save(step, *a, **kw)
+      print(f'SAVE_STARTED {step}', flush=True)
+      return out
+
+    mngr.save = announced
+    return mngr
+
+  ckpt_lib.train_checkpoint_manager = train_checkpoint_manager
+
+
+def slow_checkpoint_commit(seconds: float) -> None:
+  """Delays orbax's commit (rename of ``<step>.orbax-checkpoint-tmp``) of
+  every checkpoint by ``seconds``: the data is written, the step not yet."""
+  import asyncio  # pylint: disable=g-import-not-at-top
+  from orbax.checkpoint._src.path import atomicity  # pylint: disable=g-import-not-at-top
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+  async def slow_finalize(self, *args, **kwargs):
+    await asyncio.sleep(seconds)
+    return await finalize(self, *args, **kwargs)
+
+  atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
 
 
 def compilation_cache(tmp_path_factory) -> str:

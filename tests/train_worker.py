@@ -9,7 +9,12 @@ order in this process), and optionally ``distributed`` (``{"coordinator":
 (use tests/fake_input.py instead of the tfds pipeline) and
 ``compilation_cache`` (a persistent JAX compilation cache directory); a run
 may have ``sigterm_at`` (send SIGTERM to this process while fetching the
-batch of that step, 1-based). Prints one line
+batch of that step, 1-based). With ``announce`` the worker prints
+``BATCH <step>`` when it fetches the batch of a step and ``SAVE_STARTED
+<step>`` when a checkpoint save has been started (async: still being
+written), and waits ``batch_pause_s`` after each ``BATCH`` line; ``slow_commit_s`` delays each checkpoint's commit (the rename of its
+temporary directory) by that many seconds, so a test can kill the process
+while a checkpoint is half written. Prints one line
 ``RESULT <json list of final metrics>``.
 
 The device count is process-wide, so each test that needs several devices
@@ -40,6 +45,12 @@ def main():
 
   import fake_input  # pylint: disable=g-import-not-at-top
   base = fake_input if spec.get('fake_input') else train_lib.input_pipeline
+  if spec.get('announce'):
+    base = train_test_utils.announcing_pipeline(
+        base, spec.get('batch_pause_s', 0.0))
+    train_test_utils.announce_saves(train_lib.ckpt_lib)
+  if spec.get('slow_commit_s'):
+    train_test_utils.slow_checkpoint_commit(spec['slow_commit_s'])
   results = []
   for run in spec['runs']:
     train_lib.input_pipeline = base
