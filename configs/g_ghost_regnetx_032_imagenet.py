@@ -12,13 +12,15 @@ state over groups of 8 devices (one GPU host).
   python train.py --config configs/g_ghost_regnetx_032_imagenet.py \
       --workdir $WORKDIR --config.data_dir=$TFDS_DATA_DIR
 
-Expected cost. XLA's cost analysis of this train step (fwd + bwd + update,
-lowered program; ``jax.jit(step).lower(...).cost_analysis()``) is 10.7
-GFLOP per image (forward 3.55 GFLOP); 100 epochs x 1.28M images = 128M
-images = 1.37e18 FLOP. Assuming 10% MFU (dense and grouped 3x3 convolutions
-with BatchNorm; about half of what ResNet-50 reaches):
-  TPU v4-32 (16 chips x 275 TFLOP/s): ~0.9 h (~41k img/s, 14 chip-hours);
-  8x A100 (8 x 312 TFLOP/s):          ~1.5 h (~23k img/s, 12 GPU-hours).
+Expected cost, from the measured train step (``python
+benchmarks/accelerator.py``; assumptions in BENCHMARKS.md: step time =
+max(FLOPs at 40% of peak, bytes at 60% of HBM bandwidth), bf16 activations,
+gradient all-reduce and input pipeline not included):
+10.7 GFLOP and 1.2 GB per image (dense and grouped 3x3 convolutions: far
+more arithmetic per byte than GhostNet, but still memory-bound at 40% MFU).
+100 epochs x 1.28M images = 128M images, batch 256:
+  TPU v4-32 (16 chips):      ~19k img/s, ~1.9 h (30 chip-hours);
+  8x A100 (bf16):            ~14k img/s, ~2.5 h (20 GPU-hours).
 Both need an input pipeline that keeps up; below that it sets the pace.
 """
 

@@ -13,18 +13,19 @@ paper's colour jitter is not implemented).
   # multi-host (TPU pod slice / several GPU hosts): run the same command on
   # every host with --config.distributed=True
 
-Expected cost. XLA's cost analysis of this train step (fwd + bwd + update,
-lowered program; ``jax.jit(step).lower(...).cost_analysis()``) is 0.90
-GFLOP per image (forward 0.29 GFLOP = 2 x 146M MACs); 400 epochs x 1.28M
-images = 512M images = 4.6e17 FLOP. Assuming 1.5% MFU (depthwise, SE and
-BatchNorm make GhostNet memory-bound: MobileNet-class models train at a few
-thousand img/s per A100, about 1-2% of bf16 peak):
-  TPU v4-32 (16 chips x 275 TFLOP/s): ~2.0 h (~73k img/s, 31 chip-hours);
-  8x A100 (8 x 312 TFLOP/s):          ~3.4 h (~41k img/s, 27 GPU-hours).
-Both need an input pipeline that keeps up (``worker_count``: ~18k img/s per
-TPU host, ~41k img/s on the GPU host); below that, the pipeline sets the pace.
+Expected cost, from the measured train step (``python
+benchmarks/accelerator.py``; assumptions in BENCHMARKS.md: step time =
+max(FLOPs at 40% of peak, bytes at 60% of HBM bandwidth), bf16 activations,
+gradient all-reduce and input pipeline not included):
+0.90 GFLOP and 0.57 GB per image (XLA's cost analysis of the lowered and the
+compiled step), so the step is memory-bound on accelerators (~1.6 FLOP/byte).
+400 epochs x 1.28M images = 512M images:
+  TPU v4-32 (16 chips):      ~40k img/s, ~3.6 h (57 chip-hours);
+  8x A100 (bf16):            ~30k img/s, ~4.7 h (38 GPU-hours).
+Both need an input pipeline that keeps up (``worker_count``: ~10k img/s per
+TPU host, ~30k img/s on the GPU host); below that, the pipeline sets the pace.
 (XLA:CPU's compiled cost analysis reports 4.75 GFLOP/image because the CPU
-backend rewrites grouped convolutions; accelerators keep them.)
+backend rewrites grouped convolutions into dense ones; accelerators keep them.)
 """
 
 import ml_collections

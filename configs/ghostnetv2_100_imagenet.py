@@ -12,13 +12,15 @@ while the learning rate changes.
   python train.py --config configs/ghostnetv2_100_imagenet.py \
       --workdir $WORKDIR --config.data_dir=$TFDS_DATA_DIR
 
-Expected cost. XLA's cost analysis of this train step (fwd + bwd + update,
-lowered program; ``jax.jit(step).lower(...).cost_analysis()``) is 1.08
-GFLOP per image (forward 0.35 GFLOP); 450 epochs x 1.28M images = 577M
-images = 6.2e17 FLOP. Assuming 1.5% MFU (depthwise + DFC attention + SE +
-BatchNorm: memory-bound, as GhostNet v1):
-  TPU v4-32 (16 chips x 275 TFLOP/s): ~2.6 h (~61k img/s, 42 chip-hours);
-  8x A100 (8 x 312 TFLOP/s):          ~4.6 h (~35k img/s, 37 GPU-hours).
+Expected cost, from the measured train step (``python
+benchmarks/accelerator.py``; assumptions in BENCHMARKS.md: step time =
+max(FLOPs at 40% of peak, bytes at 60% of HBM bandwidth), bf16 activations,
+gradient all-reduce and input pipeline not included):
+1.08 GFLOP and 0.90 GB per image, memory-bound on accelerators (DFC
+attention adds pooling, upsampling and gating traffic to GhostNet's).
+450 epochs x 1.28M images = 577M images:
+  TPU v4-32 (16 chips):      ~25k img/s, ~6.3 h (101 chip-hours);
+  8x A100 (bf16):            ~19k img/s, ~8.4 h (67 GPU-hours).
 Both need an input pipeline that keeps up; below that it sets the pace.
 """
 
