@@ -68,30 +68,6 @@ BW_EFFICIENCY = 0.60
 BYTES_SCALE = {'TPU v4-32': 0.5, '8x A100 (bf16)': 0.5, '8x A100 (fp32)': 1.0}
 
 
-def _train_step(model, tx):
-  import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-
-  def step(state, x, labels):
-    params, batch_stats, opt_state, i = state
-
-    def loss_fn(p):
-      logits, new = model.apply(
-          {'params': p, 'batch_stats': batch_stats}, x, train=True,
-          mutable=['batch_stats'],
-          rngs={'dropout': jax.random.fold_in(jax.random.key(0), i)})
-      return (optax.softmax_cross_entropy_with_integer_labels(
-          logits, labels).mean(), new['batch_stats'])
-
-    (loss, batch_stats), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), batch_stats, opt_state,
-            i + 1), loss
-
-  return step
-
-
 def _first(ca):
   return ca[0] if isinstance(ca, (list, tuple)) else ca
 
@@ -165,7 +141,7 @@ def analyse(name: str, batch: int, image_size: int) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   import ghostnet_jax  # pylint: disable=g-import-not-at-top
-  from bench import random_variables  # pylint: disable=g-import-not-at-top
+  from bench import make_train_step, random_variables  # pylint: disable=g-import-not-at-top
 
   model = ghostnet_jax.create_model(name, conv_impl='lax')
   variables = random_variables(model, image_size)
@@ -175,7 +151,7 @@ def analyse(name: str, batch: int, image_size: int) -> dict:
            jnp.zeros((), jnp.int32))
   x = jnp.zeros((batch, image_size, image_size, 3), jnp.float32)
   labels = jnp.zeros((batch,), jnp.int32)
-  lowered = jax.jit(_train_step(model, tx), donate_argnums=0).lower(
+  lowered = jax.jit(make_train_step(model, tx), donate_argnums=0).lower(
       state, x, labels)
   t = time.perf_counter()
   compiled = lowered.compile()

@@ -150,6 +150,34 @@ def cpu_threads() -> int:
 # ---------------------------------------------------------------------------
 
 
+def make_train_step(model, tx):
+  """``step(state, x, labels) -> (state, loss)``: forward with batch
+  statistics and dropout, backward, ``tx`` update; ``state`` is
+  ``(params, batch_stats, opt_state, step)``."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+
+  def train_step(state, x, labels):
+    params, batch_stats, opt_state, step = state
+
+    def loss_fn(p):
+      logits, new = model.apply(
+          {'params': p, 'batch_stats': batch_stats}, x, train=True,
+          mutable=['batch_stats'],
+          rngs={'dropout': jax.random.fold_in(jax.random.key(0), step)})
+      loss = optax.softmax_cross_entropy_with_integer_labels(
+          logits, labels).mean()
+      return loss, new['batch_stats']
+
+    (loss, batch_stats), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, batch_stats, opt_state, step + 1), loss
+
+  return train_step
+
+
 def random_variables(model, image_size: int, seed: int = 0) -> dict:
   """The model's variables filled with numpy random numbers, without running
   its initialisers (speed does not depend on the values); see
@@ -212,28 +240,10 @@ def flax_worker(name: str, batch: int, mode: str, image_size: int, reps: int,
   else:
     tx = optax.sgd(0.01, momentum=0.9)
 
-    def train_step(state, x, labels):
-      params, batch_stats, opt_state, step = state
-
-      def loss_fn(p):
-        logits, new = model.apply(
-            {'params': p, 'batch_stats': batch_stats}, x, train=True,
-            mutable=['batch_stats'],
-            rngs={'dropout': jax.random.fold_in(jax.random.key(0), step)})
-        loss = optax.softmax_cross_entropy_with_integer_labels(
-            logits, labels).mean()
-        return loss, new['batch_stats']
-
-      (loss, batch_stats), grads = jax.value_and_grad(
-          loss_fn, has_aux=True)(params)
-      updates, opt_state = tx.update(grads, opt_state, params)
-      params = optax.apply_updates(params, updates)
-      return (params, batch_stats, opt_state, step + 1), loss
-
     params = variables['params']
     state = (params, variables['batch_stats'], tx.init(params),
              jnp.zeros((), jnp.int32))
-    fn = jax.jit(train_step, donate_argnums=0)
+    fn = jax.jit(make_train_step(model, tx), donate_argnums=0)
     t = time.perf_counter()
     compiled = fn.lower(state, x, labels).compile(compiler_options)
     out['compile_s'] = time.perf_counter() - t
