@@ -635,6 +635,13 @@ def _dtype(name: str | None):
                     f'{sorted(DTYPES)}.') from None
 
 
+def _as_loaded(checkpoint, **load_kwargs) -> LoadedCheckpoint:
+  """``checkpoint`` itself if already loaded, else :func:`load_checkpoint`."""
+  if isinstance(checkpoint, LoadedCheckpoint):
+    return checkpoint
+  return load_checkpoint(checkpoint, **load_kwargs)
+
+
 def evaluate(checkpoint: str | os.PathLike | LoadedCheckpoint, *,
              model: str | None = None, dataset: str | None = None,
              split: str | None = None, data_dir: str | None = None,
@@ -674,11 +681,8 @@ def evaluate(checkpoint: str | os.PathLike | LoadedCheckpoint, *,
     ``images_per_second``, and ``model``, ``checkpoint``, ``checkpoint_kind``,
     ``dataset``, ``split``, ``preprocessing``, ``ema``, ``num_classes``.
   """
-  if isinstance(checkpoint, LoadedCheckpoint):
-    loaded = checkpoint
-  else:
-    loaded = load_checkpoint(checkpoint, model=model, ema=ema, which=which,
-                             allow_pickle=allow_pickle)
+  loaded = _as_loaded(checkpoint, model=model, ema=ema, which=which,
+                      allow_pickle=allow_pickle)
   name, config = resolve_preprocessing(loaded, preprocess, image_size,
                                        crop_fraction)
   dataset = dataset or loaded.dataset or 'imagenet2012'
@@ -913,11 +917,8 @@ def classify_images(checkpoint: str | os.PathLike | LoadedCheckpoint,
   paths = [os.fspath(p) for p in paths]
   if not paths:
     raise EvalError('No image files given.')
-  if isinstance(checkpoint, LoadedCheckpoint):
-    loaded = checkpoint
-  else:
-    loaded = load_checkpoint(checkpoint, model=model, ema=ema, which=which,
-                             allow_pickle=allow_pickle)
+  loaded = _as_loaded(checkpoint, model=model, ema=ema, which=which,
+                      allow_pickle=allow_pickle)
   name, config = resolve_preprocessing(loaded, preprocess, image_size,
                                        crop_fraction)
   if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
