@@ -57,6 +57,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import optax
@@ -582,6 +583,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   }
   # The last check before compute: a workdir of another model is refused.
   resume_step = check_workdir(workdir, meta)
+  if jax.process_count() > 1:
+    # check_workdir opens a checkpoint manager (with its own cross-process
+    # barriers) only if checkpoints/ exists: no process may create it (below)
+    # before every process has looked, or they take different barriers.
+    multihost_utils.sync_global_devices('train_and_evaluate:workdir_checked')
   final_path = os.path.join(workdir, FINAL_METRICS_NAME)
   if (resume_step is not None and resume_step >= total_steps and
       os.path.exists(final_path)):

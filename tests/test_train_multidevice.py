@@ -214,6 +214,10 @@ def test_two_processes_equal_one_process(tmp_path, digits_dir):
       'distributed': {'coordinator': f'localhost:{port}', 'num_processes': 2,
                       'process_id': i},
       'runs': [{'workdir': str(tmp_path / 'two'), 'config': config}],
+      # Process 1 looks at the workdir late: process 0 must not create the
+      # checkpoint directory before it has (they would take different
+      # orbax barriers and fail).
+      'check_workdir_delay_s': 3.0 * i,
   }) for i in range(2)]
   ref = _launch({'devices': 4, 'runs': [
       {'workdir': str(tmp_path / 'one'), 'config': config}]})

@@ -14,7 +14,8 @@ batch of that step, 1-based). With ``announce`` the worker prints
 <step>`` when a checkpoint save has been started (async: still being
 written), and waits ``batch_pause_s`` after each ``BATCH`` line; ``slow_commit_s`` delays each checkpoint's commit (the rename of its
 temporary directory) by that many seconds, so a test can kill the process
-while a checkpoint is half written. Prints one line
+while a checkpoint is half written; ``check_workdir_delay_s`` makes this
+process look at the workdir that many seconds late. Prints one line
 ``RESULT <json list of final metrics>``.
 
 The device count is process-wide, so each test that needs several devices
@@ -24,6 +25,7 @@ runs this script in its own process.
 import json
 import os
 import sys
+import time
 
 
 def main():
@@ -51,6 +53,16 @@ def main():
     train_test_utils.announce_saves(train_lib.ckpt_lib)
   if spec.get('slow_commit_s'):
     train_test_utils.slow_checkpoint_commit(spec['slow_commit_s'])
+  if spec.get('check_workdir_delay_s'):
+    # A slow process: it looks at the workdir after the others could have
+    # started writing to it.
+    check_workdir = train_lib.check_workdir
+
+    def slow_check_workdir(*args, **kwargs):
+      time.sleep(spec['check_workdir_delay_s'])
+      return check_workdir(*args, **kwargs)
+
+    train_lib.check_workdir = slow_check_workdir
   results = []
   for run in spec['runs']:
     train_lib.input_pipeline = base
