@@ -26,41 +26,20 @@ Both need an input pipeline that keeps up; below that it sets the pace.
 
 import ml_collections
 
-from configs import default
+from configs import imagenet
 
 
 def get_config() -> ml_collections.ConfigDict:
   """G-Ghost RegNetX-3.2GF, 100 epochs, batch 256, SGD + cosine."""
-  c = default.get_config()
+  c = imagenet.get_config()
   c.model = 'g_ghost_regnetx_032'
-  c.dtype = 'bfloat16'
-  c.conv_impl = 'auto'
-  c.dropout = 0.2
-
-  c.dataset = 'imagenet2012'
-  c.data_dir = './data/tfds'
-  c.train_split = 'train'
-  c.eval_split = 'validation'
-  c.image_size = 224
-  c.eval_crop_fraction = 0.875
-  c.interpolation = 'bilinear'
-  c.mean = None
-  c.std = None
-  c.scale = (0.08, 1.0)
-  c.hflip = True
-  c.worker_count = 16
-
   c.batch_size = 256
   c.eval_batch_size = 512
-  c.num_train_steps = -1
   c.num_epochs = 100.0
 
   c.optimizer = 'sgd'
   c.learning_rate = 0.1
-  c.momentum = 0.9
-  c.nesterov = False
   c.schedule = 'cosine'
-  c.warmup_steps = 0
   c.warmup_epochs = 0.0
   c.weight_decay = 1e-4
   c.decay_bn_and_bias = True
@@ -70,7 +49,4 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh_shape = (-1, 1)
   c.checkpoint_every_steps = 5004     # one epoch at batch 256
   c.eval_every_steps = 5004
-  c.keep_checkpoints = 2
-  c.keep_best_checkpoints = 1
-  c.log_every_steps = 100
   return c

@@ -30,50 +30,21 @@ backend rewrites grouped convolutions into dense ones; accelerators keep them.)
 
 import ml_collections
 
-from configs import default
+from configs import imagenet
 
 
 def get_config() -> ml_collections.ConfigDict:
   """GhostNet 1.0x, 400 epochs, batch 1024, SGD + cosine."""
-  c = default.get_config()
+  c = imagenet.get_config()
   c.model = 'ghostnet_100'
-  c.dtype = 'bfloat16'
-  c.conv_impl = 'auto'
-  c.dropout = 0.2
-
-  c.dataset = 'imagenet2012'
-  c.data_dir = './data/tfds'
-  c.train_split = 'train'
-  c.eval_split = 'validation'
-  c.image_size = 224
-  c.eval_crop_fraction = 0.875
-  c.interpolation = 'bilinear'
-  c.mean = None                       # the model's defaults (ImageNet mean/std)
-  c.std = None
-  c.scale = (0.08, 1.0)
-  c.hflip = True
-  c.worker_count = 16
-
-  c.batch_size = 1024
-  c.eval_batch_size = 1024
-  c.num_train_steps = -1
   c.num_epochs = 400.0
 
   c.optimizer = 'sgd'
   c.learning_rate = 0.4
-  c.momentum = 0.9
-  c.nesterov = False
   c.schedule = 'cosine'
-  c.warmup_steps = 0
   c.warmup_epochs = 5.0
   c.warmup_init_lr = 0.0
   c.weight_decay = 4e-5
   c.label_smoothing = 0.1
   c.ema_decay = 0.0
-
-  c.checkpoint_every_steps = 1251     # one epoch
-  c.eval_every_steps = 1251 * 5
-  c.keep_checkpoints = 2
-  c.keep_best_checkpoints = 1
-  c.log_every_steps = 100
   return c

@@ -26,54 +26,26 @@ Both need an input pipeline that keeps up; below that it sets the pace.
 
 import ml_collections
 
-from configs import default
+from configs import imagenet
 
 
 def get_config() -> ml_collections.ConfigDict:
   """GhostNetV2 1.0x, 450 epochs, batch 1024, RMSProp-TF + step decay."""
-  c = default.get_config()
+  c = imagenet.get_config()
   c.model = 'ghostnetv2_100'
-  c.dtype = 'bfloat16'
-  c.conv_impl = 'auto'
-  c.dropout = 0.2
-
-  c.dataset = 'imagenet2012'
-  c.data_dir = './data/tfds'
-  c.train_split = 'train'
-  c.eval_split = 'validation'
-  c.image_size = 224
-  c.eval_crop_fraction = 0.875
   c.interpolation = 'bicubic'         # timm's default for these models
-  c.mean = None
-  c.std = None
-  c.scale = (0.08, 1.0)
-  c.hflip = True
-  c.worker_count = 16
-
-  c.batch_size = 1024
-  c.eval_batch_size = 1024
-  c.num_train_steps = -1
   c.num_epochs = 450.0
 
   c.optimizer = 'rmsprop_tf'
   c.learning_rate = 0.064
-  c.momentum = 0.9
-  c.nesterov = False
   c.rmsprop_decay = 0.9
   c.rmsprop_eps = 1e-3
   c.schedule = 'step'
   c.step_decay_epochs = 2.4
   c.step_decay_rate = 0.973
-  c.warmup_steps = 0
   c.warmup_epochs = 3.0
   c.warmup_init_lr = 1e-6
   c.weight_decay = 1e-5
   c.label_smoothing = 0.1
   c.ema_decay = 0.9999
-
-  c.checkpoint_every_steps = 1251     # one epoch
-  c.eval_every_steps = 1251 * 5
-  c.keep_checkpoints = 2
-  c.keep_best_checkpoints = 1
-  c.log_every_steps = 100
   return c
