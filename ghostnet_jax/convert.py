@@ -40,6 +40,7 @@ import numpy as np
 
 from ghostnet_jax import registry
 from ghostnet_jax.utils import abstract_variables
+from ghostnet_jax.utils import flatten_tree as _flatten
 
 # Keys that published checkpoints carry but no model owns: BatchNorm's
 # counter and the thop profiler's buffers (GhostNetV2/V3 release files).
@@ -98,16 +99,6 @@ def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
   if len(flax_shape) == 2:
     return (flax_shape[1], flax_shape[0])
   return tuple(flax_shape)
-
-
-def _flatten(tree: Mapping, prefix=()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
 
 
 def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:

@@ -82,7 +82,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ghostnet_jax.ghostnet import GhostModule, _check_ghost_args, _is_int
+from ghostnet_jax.ghostnet import GhostModule
+from ghostnet_jax.layers import check_ghost_args as _check_ghost_args
+from ghostnet_jax.shapes import is_int as _is_int, pair
 from ghostnet_jax.layers import BatchNorm, Conv2d, torch_default_kernel_init
 
 
@@ -93,17 +95,6 @@ class _NoNorm(nn.Module):
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     del train
     return x
-
-
-def _pair(v, what: str, name: str) -> tuple[int, int]:
-  try:
-    pair = (v, v) if _is_int(v) else tuple(v)
-  except TypeError:
-    pair = ()
-  if len(pair) != 2 or not all(_is_int(p) and p >= 1 for p in pair):
-    raise ValueError(f'{name}: {what} must be a positive int or a pair of '
-                     f'positive ints, got {v!r}.')
-  return pair
 
 
 def _explicit_padding(padding, spatial, kernel, strides,
@@ -174,8 +165,8 @@ class GhostConv(nn.Module):
           f'{name}: features=1 leaves no room for ghost maps (the one output '
           f'is the intrinsic map, the cheap op would be computed and thrown '
           f'away); use ratio=1, which is a plain convolution.')
-    kernel = _pair(self.kernel_size, 'kernel_size', name)
-    strides = _pair(self.strides, 'strides', name)
+    kernel = pair(self.kernel_size, 'kernel_size', name, minimum=1)
+    strides = pair(self.strides, 'strides', name, minimum=1)
     shape = getattr(x, 'shape', None)
     if shape is None or len(shape) != 4:
       raise ValueError(f'{name} expects NHWC input (N, H, W, C); got shape '

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -27,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from ghostnet_jax.layers import (BatchNorm, Conv2d, ConvBnAct, Linear,
-                                 ModuleDef, SqueezeExcite, check_images,
-                                 make_divisible, sow_feature)
+                                 ModuleDef, SqueezeExcite, check_ghost_args,
+                                 check_images, make_divisible, sow_feature)
 from ghostnet_jax.registry import register_model
 
 # (dw kernel k, expansion channels, output channels, SE ratio, stride) per
@@ -50,24 +49,6 @@ GHOSTNET_BLOCKS: tuple[tuple[tuple[int, int, int, float, int], ...], ...] = (
 STEM_CHANNELS = 16
 LAST_CHANNELS = 960
 HEAD_CHANNELS = 1280
-
-
-def _is_int(v) -> bool:
-  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _check_ghost_args(name, out_features, ratio, dw_size,
-                      features_arg='out_features') -> None:
-  """ValueErrors for Ghost module arguments that cannot work."""
-  if not _is_int(out_features) or out_features < 1:
-    raise ValueError(f'{name}: {features_arg} must be an int >= 1, got '
-                     f'{out_features!r}.')
-  if not _is_int(ratio) or ratio < 1:
-    raise ValueError(f'{name}: ratio must be an int >= 1 (1 = no ghost maps, '
-                     f'a plain conv), got {ratio!r}.')
-  if not _is_int(dw_size) or dw_size < 1 or dw_size % 2 == 0:
-    raise ValueError(f'{name}: dw_size must be a positive odd int (the cheap '
-                     f'op keeps the spatial size), got {dw_size!r}.')
 
 
 class GhostModule(nn.Module):
@@ -111,7 +92,7 @@ class GhostModule(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    _check_ghost_args(self.name, self.out_features, self.ratio, self.dw_size)
+    check_ghost_args(self.name, self.out_features, self.ratio, self.dw_size)
     init_channels = math.ceil(self.out_features / self.ratio)
     new_channels = init_channels * (self.ratio - 1)
     act = nn.relu if self.relu else (lambda y: y)

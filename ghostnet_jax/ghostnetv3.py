@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ghostnet_jax import convert, registry
+from ghostnet_jax import registry, utils
 from ghostnet_jax.ghostnet import GhostBottleneck, GhostNet
 from ghostnet_jax.ghostnetv2 import FIRST_ATTENTION_LAYER, dfc_gate
 from ghostnet_jax.layers import BatchNorm, Conv2d, ModuleDef
@@ -333,14 +333,24 @@ def _fold(params: Mapping, stats: Mapping, eps: float) -> tuple[dict, dict]:
   return new_params, new_stats
 
 
+@functools.lru_cache(maxsize=32)
+def _variable_shapes(name: str, **create_kwargs: Any) -> dict:
+  """``{(collection,) + path: shape}`` of a model's variables (traced with
+  ``jax.eval_shape``, no compute; cached per model and arguments)."""
+  abstract = utils.abstract_variables(
+      registry.create_model(name, **create_kwargs), image_size=64)
+  return {(c,) + path: tuple(leaf.shape)
+          for c in ('params', 'batch_stats')
+          for path, leaf in utils.flatten_tree(abstract.get(c, {})).items()}
+
+
 def _check_layout(name: str, tree: Mapping, what: str,
                   create_kwargs: Mapping) -> None:
   """Raises a ValueError unless ``tree`` has the variables of the model."""
-  layout = convert.torch_layout(name, **create_kwargs)  # cached
-  want = {(c,) + path: shape for c, path, shape in layout.values()}
+  want = _variable_shapes(name, **create_kwargs)
   got = {}
   for c in ('params', 'batch_stats'):
-    for path, leaf in convert._flatten(tree.get(c, {})).items():
+    for path, leaf in utils.flatten_tree(tree.get(c, {})).items():
       got[(c,) + path] = tuple(np.shape(leaf))
   if got == want:
     return

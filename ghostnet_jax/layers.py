@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from ghostnet_jax import ops
+from ghostnet_jax.shapes import is_int, pair
 
 Dtype = Any
 ModuleDef = Any
@@ -45,8 +46,18 @@ def make_divisible(v: float, divisor: int = 4, min_value: int | None = None,
   return int(new_v)
 
 
-def _pair(v) -> tuple[int, int]:
-  return (v, v) if isinstance(v, int) else tuple(v)
+def check_ghost_args(name, out_features, ratio, dw_size,
+                     features_arg='out_features') -> None:
+  """ValueErrors for Ghost module arguments that cannot work."""
+  if not is_int(out_features) or out_features < 1:
+    raise ValueError(f'{name}: {features_arg} must be an int >= 1, got '
+                     f'{out_features!r}.')
+  if not is_int(ratio) or ratio < 1:
+    raise ValueError(f'{name}: ratio must be an int >= 1 (1 = no ghost maps, '
+                     f'a plain conv), got {ratio!r}.')
+  if not is_int(dw_size) or dw_size < 1 or dw_size % 2 == 0:
+    raise ValueError(f'{name}: dw_size must be a positive odd int (the cheap '
+                     f'op keeps the spatial size), got {dw_size!r}.')
 
 
 def torch_default_kernel_init():
@@ -92,7 +103,7 @@ class Conv2d(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kh, kw = _pair(self.kernel_size)
+    kh, kw = pair(self.kernel_size)
     cin = x.shape[-1]
     if cin % self.groups or self.features % self.groups:
       raise ValueError(
@@ -107,7 +118,7 @@ class Conv2d(nn.Module):
     elif isinstance(padding, int):
       padding = ((padding, padding), (padding, padding))
     y = ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
-                   strides=_pair(self.strides), padding=padding,
+                   strides=pair(self.strides), padding=padding,
                    groups=self.groups, impl=self.impl)
     if self.use_bias:
       fan_in = kh * kw * cin // self.groups

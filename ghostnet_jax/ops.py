@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ghostnet_jax.shapes import conv_out_size, pair
+
 IMPLS = ('auto', 'lax', 'xla', 'ffi')
 # Grouped convolutions with more groups stay one XLA convolution (compile
 # time grows with the number of pieces); the registered models have <= 46.
@@ -62,19 +64,10 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def _as_pair(v) -> tuple[int, int]:
-  if isinstance(v, int):
-    return (v, v)
-  v = tuple(v)
-  if len(v) != 2:
-    raise ValueError(f'Expected an int or a pair, got {v!r}.')
-  return v
-
-
 def same_padding(kernel_size, dilation=1) -> tuple[tuple[int, int], tuple[int, int]]:
   """PyTorch-style symmetric padding ``k // 2`` on each side (odd kernels)."""
-  kh, kw = _as_pair(kernel_size)
-  dh, dw = _as_pair(dilation)
+  kh, kw = pair(kernel_size)
+  dh, dw = pair(dilation)
   return ((dh * (kh - 1) // 2,) * 2, (dw * (kw - 1) // 2,) * 2)
 
 
@@ -83,10 +76,6 @@ def _conv_lax(x, kernel, strides, padding, groups, precision):
       x, kernel, window_strides=strides, padding=padding,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
       feature_group_count=groups, precision=precision)
-
-
-def _out_size(size, k, stride, pad):
-  return (size + pad[0] + pad[1] - k) // stride + 1
 
 
 def depthwise_conv2d_xla(x, kernel, strides, padding):
@@ -104,8 +93,8 @@ def depthwise_conv2d_xla(x, kernel, strides, padding):
   kh, kw, _, c = kernel.shape
   n, h, w, _ = x.shape
   sh, sw = strides
-  ho = _out_size(h, kh, sh, padding[0])
-  wo = _out_size(w, kw, sw, padding[1])
+  ho = conv_out_size(h, kh, sh, padding[0])
+  wo = conv_out_size(w, kw, sw, padding[1])
   xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
   out = None
   for i in range(kh):
@@ -195,7 +184,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1),
   Returns:
     ``(N, Ho, Wo, Cout)``.
   """
-  strides = _as_pair(strides)
+  strides = pair(strides)
   kh, kw, _, _ = kernel.shape
   if padding is None:
     padding = same_padding((kh, kw))

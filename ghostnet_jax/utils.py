@@ -3,12 +3,78 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+import json
+import os
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+# Computation dtypes by config / command-line name: the one table of the
+# trainer (``config.dtype``), ``eval.py --dtype`` and a workdir's metadata.
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
+          'float16': jnp.float16}
+
+
+def dtype_of(name: str | None) -> Any:
+  """The jnp dtype named ``name`` (None stays None).
+
+  Raises:
+    ValueError: an unknown name, listing the known ones.
+  """
+  if name is None:
+    return None
+  try:
+    return DTYPES[name]
+  except KeyError:
+    raise ValueError(f'Unknown dtype {name!r}; expected one of '
+                     f'{sorted(DTYPES)}.') from None
+
+
+def freeze(value: Any) -> Any:
+  """JSON / ConfigDict values -> hashable module fields: lists and tuples
+  become tuples (recursively), mappings stay dicts with frozen values."""
+  if hasattr(value, 'to_dict'):
+    value = value.to_dict()
+  if isinstance(value, Mapping):
+    return {k: freeze(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return tuple(freeze(v) for v in value)
+  return value
+
+
+def write_json(path: str | os.PathLike, obj: Any, *,
+               sort_keys: bool = False) -> None:
+  """Writes ``obj`` as indented JSON, atomically (temp file + rename)."""
+  path = os.fspath(path)
+  tmp = f'{path}.tmp{os.getpid()}'
+  with open(tmp, 'w') as f:
+    json.dump(obj, f, indent=2, sort_keys=sort_keys)
+    f.write('\n')
+  os.replace(tmp, path)
+
+
+def dummy_input(model: nn.Module, image_size: int,
+                batch_size: int = 1) -> jax.ShapeDtypeStruct:
+  """The shape of the zeros a model is initialised on: ``(B, S, S, C)``."""
+  return jax.ShapeDtypeStruct(
+      (batch_size, image_size, image_size, getattr(model, 'in_chans', 3)),
+      jnp.float32)
+
+
+def init_fn(model: nn.Module, image_size: int):
+  """``rng -> {'params', 'batch_stats'}``: ``model.init`` on zeros, pure (to
+  trace under ``jax.jit`` / ``jax.eval_shape``)."""
+  shape = dummy_input(model, image_size)
+
+  def init(rng):
+    return dict(model.init(rng, jnp.zeros(shape.shape, shape.dtype),
+                           train=False))
+
+  return init
 
 
 def init_variables(model: nn.Module, rng: jax.Array | int = 0,
@@ -24,8 +90,8 @@ def init_variables(model: nn.Module, rng: jax.Array | int = 0,
   """
   if isinstance(rng, int):
     rng = jax.random.key(rng)
-  x = jnp.zeros((batch_size, image_size, image_size,
-                 getattr(model, 'in_chans', 3)), jnp.float32)
+  spec = dummy_input(model, image_size, batch_size)
+  x = jnp.zeros(spec.shape, spec.dtype)
   init = jax.jit(lambda r, x: model.init(r, x, train=False))
   # Initialisation runs once: on the CPU, XLA's backend optimisation level 0
   # compiles it several times faster (the random number generation of a few
@@ -38,10 +104,18 @@ def init_variables(model: nn.Module, rng: jax.Array | int = 0,
 
 def abstract_variables(model: nn.Module, image_size: int = 224) -> dict:
   """Shapes and dtypes of ``model``'s variables, without computing them."""
-  x = jax.ShapeDtypeStruct((1, image_size, image_size,
-                            getattr(model, 'in_chans', 3)), jnp.float32)
-  return dict(jax.eval_shape(
-      lambda x: model.init(jax.random.key(0), x, train=False), x))
+  return jax.eval_shape(init_fn(model, image_size), jax.random.key(0))
+
+
+def flatten_tree(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+  """Nested mappings -> ``{path tuple: leaf}``."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(flatten_tree(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
 
 
 def count_params(tree: Any) -> int:

@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ghostnet_jax.shapes import conv_out_size
+
 LIBRARY = '_depthwise_cpu.so'  # the name build.py writes
 DISABLE_ENV = 'GHOSTNET_JAX_DISABLE_KERNELS'
 
@@ -144,10 +146,6 @@ def _attrs(strides, padding) -> dict[str, np.int64]:
               pad_left=np.int64(pl), pad_right=np.int64(pr))
 
 
-def _out_size(size, k, stride, pad):
-  return (size + pad[0] + pad[1] - k) // stride + 1
-
-
 def _call(target, shapes, *args, strides, padding):
   error = _load()
   if error is not None:
@@ -164,8 +162,8 @@ def forward(x, kernel, strides, padding):
   ``(N, Ho, Wo, C)``."""
   n, h, w, c = x.shape
   kh, kw = kernel.shape[:2]
-  shape = (n, _out_size(h, kh, strides[0], padding[0]),
-           _out_size(w, kw, strides[1], padding[1]), c)
+  shape = (n, conv_out_size(h, kh, strides[0], padding[0]),
+           conv_out_size(w, kw, strides[1], padding[1]), c)
   y, = _call(_FORWARD, [shape], x, kernel, strides=strides, padding=padding)
   return y
 
@@ -244,7 +242,7 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides,
     raise ValueError(f'Unsupported depthwise convolution: kernel '
                      f'{kernel.shape}, strides {strides}, padding {padding}.')
   dtype = np.dtype(jnp.result_type(x, kernel))
-  empty = any(_out_size(x.shape[1 + a], kernel.shape[a], strides[a],
+  empty = any(conv_out_size(x.shape[1 + a], kernel.shape[a], strides[a],
                         padding[a]) < 1 for a in (0, 1))
   if dtype not in _FLOAT32_COMPATIBLE or empty or x.size == 0:
     from ghostnet_jax import ops  # pylint: disable=g-import-not-at-top
