@@ -35,7 +35,6 @@ CONFIG_NAME = 'config.json'
 CHECKPOINT_DIR = 'checkpoints'
 STATE = 'state'
 META = 'meta'
-TRAIN_ITEMS = (STATE, META)
 BEST_METRIC = 'top1'
 
 
@@ -145,6 +144,15 @@ def item_handlers() -> dict:
           META: ocp.JsonCheckpointHandler()}
 
 
+def is_workdir(path: str | os.PathLike) -> bool:
+  """Whether ``path`` looks like a ``train.py`` workdir (``config.json`` and
+  ``checkpoints/``)."""
+  path = os.fspath(path)
+  return (os.path.isdir(path)
+          and os.path.exists(os.path.join(path, CONFIG_NAME))
+          and os.path.isdir(os.path.join(path, CHECKPOINT_DIR)))
+
+
 def _single_device_target(tree_metadata: Any, device: Any) -> Any:
   """Abstract arrays on one device, shaped as the saved ones."""
   sharding = jax.sharding.SingleDeviceSharding(device)
@@ -177,7 +185,7 @@ def restore_workdir(workdir: str | os.PathLike, which: str = 'best',
     * ``config``: the run's ``ml_collections.ConfigDict`` (model, dataset,
       data_dir, eval_split, image_size, eval_crop_fraction, interpolation,
       mean, std); build the model with
-      ``ghostnet_jax.train_lib.model_from_config(config, meta['num_classes'])``;
+      ``ghostnet_jax.loading.model_from_config(config, meta['num_classes'])``;
     * ``meta``: model, num_classes, dataset (as configured), dataset_name
       (the tfds name to pass to the input pipeline), class_names, step;
     * ``step`` and ``metrics`` (``{'top1': ...}`` or None).

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import math
 import os
 import sys
@@ -48,23 +47,26 @@ from typing import Any, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from ghostnet_jax import checkpoint as ckpt_lib
-from ghostnet_jax import convert, registry
+from ghostnet_jax import evaluation, loading, registry, utils
+from ghostnet_jax import sharding as shd
 from ghostnet_jax.class_names import NUM_IMAGENET_CLASSES, imagenet_classes
+# The checkpoint loader lives in the checkpoint layer; its names stay
+# importable from here.
+from ghostnet_jax.checkpoint import is_workdir  # noqa: F401
+from ghostnet_jax.loading import (LoadedCheckpoint, infer_torch_model,  # noqa: F401
+                                  load_checkpoint)
 
-DATA_AXIS = 'data'
 DEFAULT_BATCH_SIZE = 256
 DEFAULT_TOP_K = 5
 # The preprocessing of a train.py workdir's own evaluation.
 WORKDIR_PREPROCESS = 'workdir'
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16,
-          'float16': jnp.float16}
+DTYPES = utils.DTYPES
 
-
-class EvalError(ValueError):
-  """A problem with what eval was asked to do (a user mistake)."""
+# A problem with what eval was asked to do (a user mistake); the loader's
+# error, so a bad checkpoint and a bad option are caught alike.
+EvalError = loading.LoadError
 
 
 class ImageError(EvalError):
@@ -74,323 +76,6 @@ class ImageError(EvalError):
     self.path = path
     self.problem = problem
     super().__init__(f'{path}: {problem}')
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class LoadedCheckpoint:
-  """Variables of a checkpoint and what is known about them.
-
-  Attributes:
-    kind: ``'torch'``, ``'converted'`` or ``'workdir'``.
-    path: the checkpoint path as given.
-    model: registered model name.
-    num_classes: classifier outputs.
-    variables: ``{'params': ..., 'batch_stats': ...}``.
-    ema: whether these are EMA weights (``None``: unknown, e.g. a converted
-      checkpoint whose conversion did not record it).
-    model_kwargs: extra :func:`ghostnet_jax.create_model` arguments (a
-      workdir's dtype, conv_impl and model overrides).
-    class_names: names of the classes, when the checkpoint knows them.
-    dataset, split, data_dir: a workdir's evaluation data.
-    eval_config: a workdir's evaluation preprocessing.
-    step: a workdir's training step.
-    run_metrics: a workdir checkpoint's metrics recorded by the trainer.
-    metadata: anything else the checkpoint recorded.
-    batch_size: a workdir's evaluation batch size.
-  """
-  kind: str
-  path: str
-  model: str
-  num_classes: int
-  variables: dict
-  ema: bool | None = None
-  model_kwargs: dict = dataclasses.field(default_factory=dict)
-  class_names: tuple[str, ...] | None = None
-  dataset: str | None = None
-  split: str | None = None
-  data_dir: str | None = None
-  eval_config: registry.EvalConfig | None = None
-  step: int | None = None
-  run_metrics: dict | None = None
-  metadata: dict = dataclasses.field(default_factory=dict)
-  batch_size: int | None = None
-
-  def create_model(self, dtype: Any = None):
-    """The Flax module these variables belong to."""
-    kwargs = dict(self.model_kwargs)
-    if dtype is not None:
-      kwargs['dtype'] = dtype
-    return registry.create_model(self.model, num_classes=self.num_classes,
-                                 **kwargs)
-
-
-def _layout(model: str, num_classes: int = NUM_IMAGENET_CLASSES) -> dict:
-  # Always with num_classes=: torch_layout caches by its arguments, and the
-  # converter calls it that way.
-  return convert.torch_layout(model, num_classes=num_classes)
-
-
-def _classes_of_state_dict(sd: Mapping[str, np.ndarray],
-                           model: str) -> int | None:
-  """Classifier outputs of a cleaned state_dict of ``model``.
-
-  Compared with the 1000-class layout, only the classifier (at most its
-  weight and bias) may differ, and its new output count is read off the
-  tensors' first dimension. ``None`` when more than that differs.
-  """
-  layout = _layout(model)
-  differ = [k for k, v in layout.items()
-            if k in sd and tuple(np.shape(sd[k])) != convert._torch_shape(v[2])]  # pylint: disable=protected-access
-  if not differ:
-    return NUM_IMAGENET_CLASSES
-  outputs = {int(np.shape(sd[k])[0]) for k in differ if np.ndim(sd[k]) >= 1}
-  if len(differ) > 2 or len(outputs) != 1:
-    return None
-  return outputs.pop()
-
-
-def _matches_exactly(sd: Mapping[str, np.ndarray], model: str,
-                     num_classes: int) -> bool:
-  layout = _layout(model, num_classes)
-  if set(layout) != set(sd):
-    return False
-  return all(tuple(np.shape(sd[k])) == convert._torch_shape(v[2])  # pylint: disable=protected-access
-             for k, v in layout.items())
-
-
-def infer_torch_model(state_dict: Mapping[str, Any], source: str) -> str:
-  """The one registered model whose layout a state_dict matches exactly.
-
-  Raises:
-    EvalError: when no model or several models match (then ``--model`` has
-      to say which).
-  """
-  matches, close = [], []
-  for name in registry.list_models():
-    entry = registry.get_entry(name)
-    sd = convert.clean_state_dict(state_dict, entry.torch_key_map)
-    try:
-      default_layout = _layout(name)
-    except Exception:  # pylint: disable=broad-except  (a model that cannot build)
-      continue
-    if set(sd) != set(default_layout):
-      overlap = len(set(sd) & set(default_layout)) / max(
-          len(set(sd) | set(default_layout)), 1)
-      if overlap > 0.5:
-        close.append(name)
-      continue
-    num_classes = _classes_of_state_dict(sd, name)
-    if num_classes and _matches_exactly(sd, name, num_classes):
-      matches.append(name)
-  if len(matches) == 1:
-    return matches[0]
-  if matches:
-    raise EvalError(f'{source} fits several models ({", ".join(matches)}); '
-                    'pass --model to say which.')
-  hint = (f' It is close to {", ".join(close)} but does not match it exactly.'
-          if close else '')
-  raise EvalError(f'Cannot tell which model {source} holds: its keys and '
-                  f'shapes match no registered model.{hint} Pass --model '
-                  f'NAME (one of {", ".join(registry.list_models())}); the '
-                  'error then lists every mismatch.')
-
-
-def _top_level_has_ema(obj: Any) -> bool:
-  return isinstance(obj, Mapping) and any(
-      isinstance(obj.get(k), Mapping) for k in convert.EMA_KEYS)
-
-
-def _load_torch(path: str, model: str | None, ema: bool | None,
-                allow_pickle: bool) -> LoadedCheckpoint:
-  obj = convert.read_torch_file(path, allow_pickle=allow_pickle)
-  state_dict = convert.select_state_dict(obj, ema=ema, source=path)
-  if model is None:
-    model = infer_torch_model(state_dict, path)
-  entry = registry.get_entry(model)
-  num_classes = _classes_of_state_dict(
-      convert.clean_state_dict(state_dict, entry.torch_key_map),
-      model) or NUM_IMAGENET_CLASSES
-  try:
-    variables = convert.state_dict_to_variables(
-        state_dict, model, source=path, num_classes=num_classes)
-  except convert.CheckpointError as e:
-    try:
-      fits = infer_torch_model(state_dict, path)
-    except EvalError:
-      raise e from None
-    raise convert.CheckpointError(
-        f'{e}\n{path} is a {fits} checkpoint: pass --model {fits} (or leave '
-        '--model out).') from None
-  return LoadedCheckpoint(
-      kind='torch', path=path, model=model, num_classes=num_classes,
-      variables=variables, ema=_top_level_has_ema(obj) and ema is not False,
-      class_names=(imagenet_classes() if num_classes == NUM_IMAGENET_CLASSES
-                   else None))
-
-
-def _load_converted(path: str, model: str | None,
-                    ema: bool | None) -> LoadedCheckpoint:
-  variables, metadata = ckpt_lib.restore_converted(path)
-  saved_model = metadata.get('model')
-  num_classes = int(metadata.get('num_classes', NUM_IMAGENET_CLASSES))
-  if model is None:
-    if not saved_model:
-      raise EvalError(f'{path} does not record its model; pass --model.')
-    registry.get_entry(saved_model)
-    model = saved_model
-  saved_ema = metadata.get('ema')
-  if ema is not None and saved_ema is not None and bool(saved_ema) != ema:
-    raise EvalError(
-        f'{path} holds the {"EMA" if saved_ema else "regular"} weights only '
-        f'(chosen at conversion), but {"--ema" if ema else "--no-ema"} asked '
-        'for the others; convert the PyTorch file again with the other '
-        'choice.')
-  if ema is not None and saved_ema is None:
-    raise EvalError(
-        f'{path} holds one set of weights, and its conversion did not record '
-        'whether they are EMA weights; --ema/--no-ema choose among the '
-        'weights of a PyTorch file or a train.py workdir. Drop the option, or '
-        'convert again with --ema or --no-ema.')
-  convert.check_variables(variables, model, num_classes, source=path)
-  names = metadata.get('class_names')
-  if names is not None:
-    names = tuple(str(n) for n in names)
-  elif num_classes == NUM_IMAGENET_CLASSES:
-    names = imagenet_classes()
-  return LoadedCheckpoint(
-      kind='converted', path=path, model=model, num_classes=num_classes,
-      variables=variables, ema=saved_ema, class_names=names,
-      metadata=dict(metadata))
-
-
-# ---------------------------------------------------------------- workdirs
-# Everything eval knows about train.py's workdir layout is in this section.
-
-WORKDIR_CONFIG = 'config.json'
-WORKDIR_CHECKPOINTS = 'checkpoints'
-
-
-def is_workdir(path: str) -> bool:
-  """Whether ``path`` looks like a ``train.py`` workdir."""
-  return (os.path.isdir(path)
-          and os.path.exists(os.path.join(path, WORKDIR_CONFIG))
-          and os.path.isdir(os.path.join(path, WORKDIR_CHECKPOINTS)))
-
-
-def _freeze(value):
-  """JSON values -> hashable ones (lists to tuples), for module fields."""
-  if isinstance(value, Mapping):
-    return {k: _freeze(v) for k, v in value.items()}
-  if isinstance(value, (list, tuple)):
-    return tuple(_freeze(v) for v in value)
-  return value
-
-
-def _workdir_dataset(config, meta: Mapping) -> str:
-  """The tfds name of a run's dataset (``'digits'`` is the bundled one)."""
-  dataset = meta.get('dataset') or config.get('dataset')
-  if dataset == 'digits':
-    from ghostnet_jax.datasets import DIGITS_NAME  # pylint: disable=g-import-not-at-top
-    dataset = f'{DIGITS_NAME}/32'
-  return dataset
-
-
-def _load_workdir(path: str, model: str | None, ema: bool | None,
-                  which: str | int) -> LoadedCheckpoint:
-  """A train.py workdir: variables, and the run's model, data and
-  preprocessing from its config."""
-  restore = getattr(ckpt_lib, 'restore_workdir', None)
-  if restore is None:
-    raise EvalError(f'{path} is a train.py workdir, but this version of '
-                    'ghostnet_jax cannot restore workdirs.')
-  restored = restore(path, which=which)
-  config, meta = restored['config'], dict(restored.get('meta') or {})
-  run_model = meta.get('model') or config.get('model')
-  if model is not None and model != run_model:
-    raise EvalError(f'{path} is a {run_model} run, but --model {model} was '
-                    'given; leave --model out for a workdir.')
-  model = run_model
-  registry.get_entry(model)
-  ema_variables = restored.get('ema_variables')
-  if ema is True and ema_variables is None:
-    raise EvalError(f'EMA weights requested, but the run in {path} kept no '
-                    'EMA (config.ema_decay was 0).')
-  use_ema = ema_variables is not None and ema is not False
-  variables = ema_variables if use_ema else restored['variables']
-  num_classes = int(meta.get('num_classes') or config.get('num_classes'))
-  overrides = config.get('model_overrides') or {}
-  if hasattr(overrides, 'to_dict'):
-    overrides = overrides.to_dict()
-  kwargs = _freeze(dict(overrides))
-  if config.get('dtype'):
-    kwargs['dtype'] = _dtype(config.get('dtype'))
-  if config.get('conv_impl'):
-    kwargs['conv_impl'] = config.get('conv_impl')
-  convert.check_variables(variables, model, num_classes, source=path,
-                  **dict((k, v) for k, v in kwargs.items() if k != 'dtype'))
-  defaults = registry.get_eval_config(model)
-  eval_config = registry.EvalConfig(
-      input_size=int(config.get('image_size') or defaults.input_size),
-      crop_fraction=float(config.get('eval_crop_fraction')
-                          or defaults.crop_fraction),
-      interpolation=config.get('interpolation') or defaults.interpolation,
-      mean=tuple(config.get('mean') or defaults.mean),
-      std=tuple(config.get('std') or defaults.std))
-  names = meta.get('class_names')
-  data_dir = config.get('data_dir') or None
-  return LoadedCheckpoint(
-      kind='workdir', path=path, model=model, num_classes=num_classes,
-      variables=variables, ema=use_ema, model_kwargs=kwargs,
-      class_names=tuple(str(n) for n in names) if names else None,
-      dataset=_workdir_dataset(config, meta),
-      split=config.get('eval_split') or None,
-      data_dir=os.fspath(data_dir) if data_dir else None,
-      eval_config=eval_config, step=restored.get('step'),
-      run_metrics=restored.get('metrics'), metadata=meta,
-      batch_size=config.get('eval_batch_size') or None)
-
-
-def load_checkpoint(path: str | os.PathLike, *, model: str | None = None,
-                    ema: bool | None = None, which: str | int = 'best',
-                    allow_pickle: bool = False) -> LoadedCheckpoint:
-  """Reads any checkpoint eval understands.
-
-  Args:
-    path: a PyTorch file, a converted orbax directory or a train.py workdir.
-    model: registered model name; required for a PyTorch file that fits
-      several models, checked against the others.
-    ema: ``None`` uses EMA weights when the checkpoint has them, ``True``
-      requires them, ``False`` uses the regular weights.
-    which: for a workdir, ``'best'``, ``'latest'`` or a step.
-    allow_pickle: let ``torch.load`` unpickle arbitrary objects.
-
-  Raises:
-    FileNotFoundError: nothing at ``path``.
-    convert.CheckpointError: the weights do not fit the model (the message
-      lists every missing, unexpected and mis-shaped key), or a bad file.
-    EvalError, ValueError: other user mistakes (unknown model, ...).
-  """
-  if model is not None:
-    registry.get_entry(model)  # Unknown names fail before any file I/O.
-  path = os.fspath(os.path.expanduser(os.fspath(path)))
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f'Checkpoint not found: {path} (expected a PyTorch .pth file, a '
-        'converted orbax directory or a train.py workdir).')
-  if os.path.isdir(path):
-    if is_workdir(path):
-      return _load_workdir(path, model, ema, which)
-    if ckpt_lib.is_converted_checkpoint(path):
-      return _load_converted(path, model, ema)
-    raise EvalError(
-        f'{path} is a directory but neither a converted checkpoint (no '
-        f'0/{ckpt_lib.VARIABLES}/ inside) nor a train.py workdir (no '
-        'config.json and checkpoints/).')
-  return _load_torch(path, model, ema, allow_pickle)
 
 
 # ---------------------------------------------------------------------------
@@ -440,9 +125,9 @@ def preprocessing_record(name: str, config: registry.EvalConfig) -> dict:
 # ---------------------------------------------------------------------------
 
 def make_mesh(devices: Sequence[Any] | None = None) -> Mesh:
-  """A 1-D mesh with axis ``'data'`` over ``devices`` (default: all)."""
-  devices = list(jax.devices() if devices is None else devices)
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
+  """The trainer's ``('data', 'fsdp')`` mesh over ``devices`` (default: all),
+  every device on ``'data'`` (:func:`ghostnet_jax.sharding.make_mesh`)."""
+  return shd.make_mesh((-1, 1), devices)
 
 
 def round_batch_size(batch_size: int, mesh: Mesh) -> int:
@@ -456,56 +141,7 @@ def round_batch_size(batch_size: int, mesh: Mesh) -> int:
 
 
 def _replicate(tree, mesh: Mesh):
-  return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
-
-
-def _global_array(local: np.ndarray, mesh: Mesh) -> jax.Array:
-  """Per-process rows -> one array sharded over the batch axis."""
-  sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-  return jax.make_array_from_process_local_data(sharding, np.asarray(local))
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-  """The whole value of ``x`` on this host (gathered across processes)."""
-  if x.is_fully_replicated:
-    return np.asarray(x.addressable_data(0))
-  if not x.is_fully_addressable:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(x)
-
-
-def topk_hits(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """Per-example bool: ``labels`` among the top ``min(k, classes)`` logits
-  (``lax.top_k``: ties go to the lower class index)."""
-  k = min(k, logits.shape[-1])
-  _, top = jax.lax.top_k(logits, k)
-  return (top == labels[:, None]).any(-1)
-
-
-@functools.lru_cache(maxsize=16)
-def _make_eval_step(model, mesh: Mesh):
-  """``(totals, variables, images, labels, mask) -> (totals, logits)``.
-
-  ``totals`` is int32 ``[top-1 hits, top-5 hits, examples]`` summed over
-  the global batch (rows with ``mask == 0`` count nowhere). Cached per
-  (model, mesh), so repeated evaluations reuse the compiled step.
-  """
-  replicated = NamedSharding(mesh, PartitionSpec())
-  batch = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-
-  def step(totals, variables, images, labels, mask):
-    logits = model.apply(variables, images, train=False).astype(jnp.float32)
-    valid = mask > 0
-    counts = jnp.stack([
-        jnp.sum(topk_hits(logits, labels, 1) & valid, dtype=jnp.int32),
-        jnp.sum(topk_hits(logits, labels, 5) & valid, dtype=jnp.int32),
-        jnp.sum(valid, dtype=jnp.int32)])
-    return totals + counts, logits
-
-  return jax.jit(step, in_shardings=(replicated, replicated, batch, batch,
-                                     batch),
-                 out_shardings=(replicated, batch), donate_argnums=(0,))
+  return jax.device_put(tree, shd.replicated(mesh))
 
 
 def evaluate_model(model, variables: Mapping, *, dataset: str, split: str,
@@ -540,9 +176,41 @@ def evaluate_model(model, variables: Mapping, *, dataset: str, split: str,
     'correct_top5', 'images_per_second', 'eval_seconds',
     'compile_seconds', 'num_devices', 'global_batch_size'}``.
   """
-  from ghostnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
   mesh = make_mesh() if mesh is None else mesh
+  info = _dataset_info(dataset, data_dir, num_classes, image_key, label_key)
+  global_batch = round_batch_size(batch_size, mesh)
+  batches = _eval_batches(dataset, split, data_dir, info, eval_config,
+                          global_batch, worker_count, num_threads)
+  with _progress(len(batches), f'{dataset}:{split}', progress) as on_batch:
+    sums = evaluation.evaluate_batches(
+        model, _replicate(dict(variables), mesh), batches,
+        num_classes=num_classes, mesh=mesh, return_logits=return_logits,
+        on_batch=on_batch)
+  count = sums['count']
+  if count == 0:
+    raise EvalError(f'Split {split!r} of {dataset!r} gave no examples.')
+  seconds = sums['seconds']
+  results = {
+      'top1': 100.0 * sums['top1'] / count,
+      'top5': 100.0 * sums['top5'] / count,
+      'num_examples': count,
+      'correct_top1': sums['top1'],
+      'correct_top5': sums['top5'],
+      'images_per_second': count / seconds if seconds > 0 else None,
+      'eval_seconds': seconds,
+      'compile_seconds': sums['compile_seconds'],
+      'num_devices': int(mesh.devices.size),
+      'global_batch_size': global_batch,
+  }
+  if return_logits:
+    results['logits'] = sums['logits']
+    results['labels'] = sums['labels']
+  return results
+
+
+def _dataset_info(dataset, data_dir, num_classes, image_key, label_key):
+  """The dataset's info; its classes must be the model's outputs."""
+  from ghostnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   info = input_pipeline.get_dataset_info(dataset, data_dir,
                                          image_key=image_key,
                                          label_key=label_key)
@@ -551,8 +219,14 @@ def evaluate_model(model, variables: Mapping, *, dataset: str, split: str,
         f'The model has {num_classes} outputs but dataset {dataset!r} has '
         f'{info.num_classes} classes; evaluate a checkpoint trained for '
         'this dataset.')
-  global_batch = round_batch_size(batch_size, mesh)
-  it = input_pipeline.eval_iterator(
+  return info
+
+
+def _eval_batches(dataset, split, data_dir, info, eval_config, global_batch,
+                  worker_count, num_threads):
+  """This process's padded eval batches (``image``, ``label``, ``mask``)."""
+  from ghostnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline.eval_iterator(
       dataset=dataset, data_dir=data_dir, split=split,
       global_batch_size=global_batch, image_size=eval_config.input_size,
       crop_fraction=eval_config.crop_fraction,
@@ -560,86 +234,43 @@ def evaluate_model(model, variables: Mapping, *, dataset: str, split: str,
       std=eval_config.std, worker_count=worker_count,
       num_threads=num_threads, prefetch_batches=max(2, num_threads),
       image_key=info.image_key, label_key=info.label_key)
-  num_batches = len(it)
 
-  step = _make_eval_step(model, mesh)
-  variables = _replicate(dict(variables), mesh)
-  s = eval_config.input_size
-  shapes = [((global_batch, s, s, 3), jnp.float32), ((global_batch,), jnp.int32),
-            ((global_batch,), jnp.float32)]
-  batch_sharding = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-  t0 = time.perf_counter()
-  compiled = step.lower(
-      jax.ShapeDtypeStruct((3,), jnp.int32,
-                           sharding=NamedSharding(mesh, PartitionSpec())),
-      variables,
-      *[jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-        for shape, dtype in shapes]).compile()
-  compile_seconds = time.perf_counter() - t0
 
-  totals = _replicate(jnp.zeros((3,), jnp.int32), mesh)
-  all_logits, all_labels, all_masks = [], [], []
-  bar = tqdm(total=num_batches, unit='batch', desc=f'{dataset}:{split}',
-             disable=not progress or jax.process_index() != 0,
-             dynamic_ncols=True)
-  t0 = time.perf_counter()
-  seen = 0
-  try:
-    for local in it:
-      images = _global_array(local['image'], mesh)
-      labels = _global_array(local['label'].astype(np.int32), mesh)
-      mask = _global_array(local['mask'].astype(np.float32), mesh)
-      totals, logits = compiled(totals, variables, images, labels, mask)
-      if return_logits:
-        all_logits.append(_to_host(logits))
-        all_labels.append(_to_host(labels))
-        all_masks.append(_to_host(mask))
-      seen += int(local['mask'].sum())
-      bar.update(1)
-      elapsed = time.perf_counter() - t0
-      if elapsed > 0:
-        bar.set_postfix_str(f'{seen * jax.process_count() / elapsed:.1f} img/s',
-                            refresh=False)
-    top1, top5, count = (int(v) for v in _to_host(totals))
-  finally:
-    bar.close()
-  seconds = time.perf_counter() - t0
-  if count == 0:
-    raise EvalError(f'Split {split!r} of {dataset!r} gave no examples.')
-  results = {
-      'top1': 100.0 * top1 / count,
-      'top5': 100.0 * top5 / count,
-      'num_examples': count,
-      'correct_top1': top1,
-      'correct_top5': top5,
-      'images_per_second': count / seconds if seconds > 0 else None,
-      'eval_seconds': seconds,
-      'compile_seconds': compile_seconds,
-      'num_devices': int(mesh.devices.size),
-      'global_batch_size': global_batch,
-  }
-  if return_logits:
-    keep = np.concatenate(all_masks) > 0
-    results['logits'] = np.concatenate(all_logits)[keep]
-    results['labels'] = np.concatenate(all_labels)[keep]
-  return results
+class _progress:  # pylint: disable=invalid-name
+  """A tqdm bar (process 0 only) as an ``on_batch(real_rows)`` callback."""
+
+  def __init__(self, total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+    self.bar = tqdm(total=total, unit='batch', desc=desc,
+                    disable=not enabled or jax.process_index() != 0,
+                    dynamic_ncols=True)
+    self.seen, self.start = 0, time.perf_counter()
+
+  def __enter__(self):
+    return self.update
+
+  def update(self, rows: int) -> None:
+    self.seen += rows
+    self.bar.update(1)
+    elapsed = time.perf_counter() - self.start
+    if elapsed > 0:
+      self.bar.set_postfix_str(
+          f'{self.seen * jax.process_count() / elapsed:.1f} img/s',
+          refresh=False)
+
+  def __exit__(self, *exc):
+    self.bar.close()
+    return False
 
 
 def _dtype(name: str | None):
-  if name is None:
-    return None
   try:
-    return DTYPES[name]
-  except KeyError:
-    raise EvalError(f'Unknown dtype {name!r}; expected one of '
-                    f'{sorted(DTYPES)}.') from None
+    return utils.dtype_of(name)
+  except ValueError as e:
+    raise EvalError(str(e)) from None
 
 
-def _as_loaded(checkpoint, **load_kwargs) -> LoadedCheckpoint:
-  """``checkpoint`` itself if already loaded, else :func:`load_checkpoint`."""
-  if isinstance(checkpoint, LoadedCheckpoint):
-    return checkpoint
-  return load_checkpoint(checkpoint, **load_kwargs)
+_as_loaded = loading.as_loaded
 
 
 def evaluate(checkpoint: str | os.PathLike | LoadedCheckpoint, *,
@@ -822,8 +453,8 @@ def preprocess_image(image: np.ndarray,
 
 @functools.lru_cache(maxsize=16)
 def _make_predict(model, mesh: Mesh, k: int):
-  replicated = NamedSharding(mesh, PartitionSpec())
-  batch = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+  replicated = shd.replicated(mesh)
+  batch = shd.batch_sharding(mesh)
 
   def predict(variables, images):
     logits = model.apply(variables, images, train=False).astype(jnp.float32)
@@ -865,7 +496,7 @@ def predict_arrays(model, variables: Mapping, images: np.ndarray, *,
     if pad:
       part = np.concatenate([part, np.zeros((pad,) + part.shape[1:],
                                             np.float32)])
-    sharded = jax.device_put(part, NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+    sharded = jax.device_put(part, shd.batch_sharding(mesh))
     outs.append([np.asarray(o)[:chunk - pad] for o in predict(variables,
                                                                sharded)])
   if not outs:
@@ -1078,17 +709,14 @@ def _jsonable(obj):
 
 
 def write_json(path: str, obj: Any) -> None:
-  """Writes ``obj`` as indented JSON (atomically: temp file + rename)."""
+  """Writes ``obj`` (numpy values and image errors made JSON) as indented
+  JSON, atomically (:func:`ghostnet_jax.utils.write_json`)."""
   path = os.path.expanduser(path)
   parent = os.path.dirname(os.path.abspath(path))
   if not os.path.isdir(parent):
     raise EvalError(f'Cannot write {path}: directory {parent} does not '
                     'exist.')
-  tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(_jsonable(obj), f, indent=2)
-    f.write('\n')
-  os.replace(tmp, path)
+  utils.write_json(path, _jsonable(obj))
 
 
 def _print_summary(results: Mapping) -> None:

@@ -1,10 +1,19 @@
 """Sharded training and evaluation: ``train_and_evaluate(config, workdir)``.
 
-One ``jax.jit`` program trains on all devices of all processes. The file
-reads top to bottom like the loop it runs, in titled sections:
+One ``jax.jit`` program trains on all devices of all processes.
+:func:`train_and_evaluate` is a short orchestrator; each of its steps is a
+named function or object below, in the order the run takes them (and the
+README describes them):
 
-  validation -> mesh -> input -> model and optimizer -> sharding -> step ->
-  checkpoint -> eval -> loop
+  1. hosts and mesh      :func:`setup_hosts`
+  2. input               :class:`DataSource` (or a data source passed in)
+  3. model and optimizer :func:`build_model`, :func:`build_optimizer`
+  4. state               :func:`check_workdir`, :func:`create_or_restore_state`
+  5. compiled steps      :func:`compile_train_step` (the eval step is
+                         :mod:`ghostnet_jax.evaluation`'s, shared with eval.py)
+  6. the loop            :func:`train_loop`, with :class:`NonFiniteMonitor`
+                         and :class:`Checkpointer`
+  7. the report          :func:`final_report`
 
 Design (see ``configs/default.py`` for every config field):
 
@@ -45,13 +54,14 @@ Faults during a run:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import os
 import signal
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import flax
 import flax.linen as nn
@@ -64,16 +74,24 @@ import optax
 import orbax.checkpoint as ocp
 
 from ghostnet_jax import checkpoint as ckpt_lib
+from ghostnet_jax import evaluation
 from ghostnet_jax import input_pipeline
+from ghostnet_jax import loading
 from ghostnet_jax import ops
 from ghostnet_jax import optim
 from ghostnet_jax import registry
 from ghostnet_jax import sharding as shd
 from ghostnet_jax import train_logging
+from ghostnet_jax import utils
+# One implementation each, kept importable from here.
+from ghostnet_jax.evaluation import cross_entropy, make_eval_step, topk_correct  # noqa: F401
+from ghostnet_jax.loading import DIGITS_ALIASES, model_from_config  # noqa: F401
 
 CONFIG_NAME = ckpt_lib.CONFIG_NAME
 FINAL_METRICS_NAME = 'final_metrics.json'
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# The names of utils.DTYPES the trainer computes in (float16 overflows in
+# training without loss scaling).
+TRAIN_DTYPES = ('float32', 'bfloat16')
 
 
 class ConfigError(ValueError):
@@ -140,6 +158,21 @@ FIELDS = REQUIRED_FIELDS + (
     'keep_best_checkpoints', 'async_checkpointing', 'eval_every_steps',
     'log_every_steps', 'progress_bar', 'skip_nonfinite_steps')
 
+# Numeric fields: > 0, >= 0, integral, and in [0, 1).
+_POSITIVE = ('batch_size', 'eval_batch_size', 'learning_rate',
+             'checkpoint_every_steps', 'log_every_steps', 'image_size')
+_NON_NEGATIVE = ('weight_decay', 'label_smoothing', 'grad_clip_norm',
+                 'ema_decay', 'warmup_steps', 'warmup_epochs', 'warmup_init_lr',
+                 'end_lr', 'momentum', 'dropout', 'keep_checkpoints',
+                 'keep_best_checkpoints')
+_INTEGRAL = ('batch_size', 'eval_batch_size', 'checkpoint_every_steps',
+             'log_every_steps', 'image_size', 'warmup_steps',
+             'eval_every_steps', 'keep_checkpoints', 'keep_best_checkpoints')
+_UNIT_INTERVAL = ('ema_decay', 'label_smoothing', 'dropout')
+# Fields that take one of a few names.
+_CHOICES = (('optimizer', optim.OPTIMIZERS), ('schedule', optim.SCHEDULES),
+            ('dtype', TRAIN_DTYPES), ('conv_impl', ops.IMPLS))
+
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
   """Checks everything that needs no device and no data.
@@ -147,6 +180,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   Raises:
     ConfigError: naming the first bad field.
   """
+  _check_fields_present(config)
+  try:
+    registry.get_entry(config.model)
+  except ValueError as e:
+    raise ConfigError(f'config.model: {e}') from None
+  _check_numbers(config)
+  for name, choices in _CHOICES:
+    if config[name] not in choices:
+      raise ConfigError(f'config.{name} must be one of {tuple(choices)}; '
+                        f'got {config[name]!r}.')
+  _check_the_rest(config)
+
+
+def _check_fields_present(config) -> None:
   for name in REQUIRED_FIELDS:
     if name not in config:
       raise ConfigError(f'config.{name} is missing; every config needs '
@@ -157,33 +204,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         f'config lacks {", ".join("config." + m for m in missing)}; start a '
         'config from configs/default.py (default.get_config()) and override '
         'fields.')
-  try:
-    registry.get_entry(config.model)
-  except ValueError as e:
-    raise ConfigError(f'config.model: {e}') from None
 
-  def positive(name, allow_zero=False):
+
+def _check_numbers(config) -> None:
+  for name in _POSITIVE + _NON_NEGATIVE:
     v = config.get(name)
     if v is None or not isinstance(v, (int, float)) or isinstance(v, bool):
       raise ConfigError(f'config.{name} must be a number; got {v!r}.')
-    if v < 0 or (v == 0 and not allow_zero):
-      raise ConfigError(f'config.{name} must be {">= 0" if allow_zero else "> 0"}'
-                        f'; got {v!r}.')
-
-  for name in ('batch_size', 'eval_batch_size', 'learning_rate',
-               'checkpoint_every_steps', 'log_every_steps', 'image_size'):
-    positive(name)
-  for name in ('weight_decay', 'label_smoothing', 'grad_clip_norm',
-               'ema_decay', 'warmup_steps', 'warmup_epochs', 'warmup_init_lr',
-               'end_lr', 'momentum', 'dropout',
-               'keep_checkpoints', 'keep_best_checkpoints'):
-    positive(name, allow_zero=True)
-  for name in ('batch_size', 'eval_batch_size', 'checkpoint_every_steps',
-               'log_every_steps', 'image_size', 'warmup_steps',
-               'eval_every_steps', 'keep_checkpoints', 'keep_best_checkpoints'):
+    if name in _POSITIVE and v <= 0:
+      raise ConfigError(f'config.{name} must be > 0; got {v!r}.')
+    if v < 0:
+      raise ConfigError(f'config.{name} must be >= 0; got {v!r}.')
+  for name in _INTEGRAL:
     if int(config[name]) != config[name]:
       raise ConfigError(f'config.{name} must be an integer; got '
                         f'{config[name]!r}.')
+  for name in _UNIT_INTERVAL:
+    if not 0 <= config[name] < 1:
+      raise ConfigError(f'config.{name} must be in [0, 1); got '
+                        f'{config[name]}.')
+
+
+def _check_the_rest(config) -> None:
+  """Fields with rules of their own."""
   if config.num_train_steps <= 0 and not config.get('num_epochs', 0) > 0:
     raise ConfigError(
         f'config.num_train_steps must be > 0 (or config.num_epochs > 0); got '
@@ -199,31 +242,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.keep_checkpoints < 1:
     raise ConfigError('config.keep_checkpoints must be >= 1 (resume needs '
                       'the latest checkpoint).')
-  if not 0 <= config.ema_decay < 1:
-    raise ConfigError(f'config.ema_decay must be in [0, 1); got '
-                      f'{config.ema_decay}.')
-  if not 0 <= config.label_smoothing < 1:
-    raise ConfigError(f'config.label_smoothing must be in [0, 1); got '
-                      f'{config.label_smoothing}.')
-  if not 0 <= config.dropout < 1:
-    raise ConfigError(f'config.dropout must be in [0, 1); got '
-                      f'{config.dropout}.')
-  if config.optimizer not in optim.OPTIMIZERS:
-    raise ConfigError(f'config.optimizer must be one of {optim.OPTIMIZERS}; '
-                      f'got {config.optimizer!r}.')
-  if config.schedule not in optim.SCHEDULES:
-    raise ConfigError(f'config.schedule must be one of {optim.SCHEDULES}; '
-                      f'got {config.schedule!r}.')
   if config.schedule == 'step' and not (config.step_decay_epochs > 0 and
                                         config.step_decay_rate > 0):
     raise ConfigError('config.step_decay_epochs and config.step_decay_rate '
                       'must be > 0 for the step schedule.')
-  if config.dtype not in DTYPES:
-    raise ConfigError(f'config.dtype must be one of {sorted(DTYPES)}; got '
-                      f'{config.dtype!r}.')
-  if config.conv_impl not in ops.IMPLS:
-    raise ConfigError(f'config.conv_impl must be one of {ops.IMPLS}; got '
-                      f'{config.conv_impl!r}.')
   g = config.bn_batch_groups
   if not isinstance(g, int) or (g < 1 and g != -1):
     raise ConfigError(f'config.bn_batch_groups must be -1 (one group per '
@@ -232,9 +254,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     shd.check_mesh_shape(config.mesh_shape)  # the device count comes later
   except ValueError as e:
     raise ConfigError(f'config.mesh_shape: {e}') from None
-  if config.init_from and not os.path.isdir(config.init_from):
-    raise ConfigError(f'config.init_from: no checkpoint directory at '
-                      f'{config.init_from!r}.')
+  if config.init_from and not os.path.exists(config.init_from):
+    raise ConfigError(f'config.init_from: no checkpoint at '
+                      f'{config.init_from!r} (a converted directory, a '
+                      'PyTorch file or a train.py workdir).')
 
 
 def validate_devices(config: ml_collections.ConfigDict, num_devices: int,
@@ -271,41 +294,12 @@ def bn_groups(config, num_devices: int) -> int:
   return num_devices if g == -1 else g
 
 
-def _tuples(v):
-  if isinstance(v, (list, tuple)):
-    return tuple(_tuples(x) for x in v)
-  return v
-
-
-def model_from_config(config: ml_collections.ConfigDict, num_classes: int,
-                      **overrides) -> nn.Module:
-  """The model a config trains (also for a config read from ``config.json``).
-
-  Args:
-    config: a training config (or ``restore_workdir(...)['config']``).
-    num_classes: classifier outputs (``meta['num_classes']`` of a workdir).
-    **overrides: model fields replacing the config's, e.g.
-      ``bn_batch_groups=1`` or ``conv_impl='lax'``.
-  """
-  kwargs = dict(dtype=DTYPES[config.dtype], dropout=config.dropout,
-                bn_batch_groups=1 if config.bn_batch_groups == -1 else
-                config.bn_batch_groups, conv_impl=config.conv_impl)
-  kwargs.update({k: _tuples(v) for k, v in
-                 config.get('model_overrides', {}).items()})
-  kwargs.update(overrides)
-  return registry.create_model(config.model, num_classes=num_classes,
-                               **kwargs)
-
-
 def architecture_signature(model: nn.Module, image_size: int) -> dict:
   """Model facts a checkpoint must match to be resumed: shapes of params.
 
   Traced with ``jax.eval_shape`` (no compute).
   """
-  shapes = jax.eval_shape(
-      lambda: model.init(jax.random.key(0),
-                         jnp.zeros((1, image_size, image_size, 3)),
-                         train=False))
+  shapes = utils.abstract_variables(model, image_size)
   flat = sorted(
       (jax.tree_util.keystr(k), tuple(v.shape))
       for k, v in jax.tree_util.tree_leaves_with_path(dict(shapes)))
@@ -352,26 +346,8 @@ def check_workdir(workdir: str, meta: dict) -> int | None:
 
 
 # ------------------------------------------------------------------------------
-# Pieces of the step (pure functions)
+# The train step (a pure function; the eval step is evaluation.make_eval_step)
 # ------------------------------------------------------------------------------
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
-                  label_smoothing: float = 0.0) -> jax.Array:
-  """Per-example softmax cross-entropy with label smoothing (optax)."""
-  targets = jax.nn.one_hot(labels, num_classes)
-  if label_smoothing:
-    targets = optax.smooth_labels(targets, label_smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
-def topk_correct(logits: jax.Array, labels: jax.Array,
-                 ks: tuple[int, ...] = (1, 5)) -> dict[int, jax.Array]:
-  """Per-example 0/1 top-k correctness for each ``k`` (k capped at classes)."""
-  kmax = min(max(ks), logits.shape[-1])
-  _, top = jax.lax.top_k(logits, kmax)
-  hits = top == labels[:, None]
-  return {k: hits[:, :min(k, kmax)].any(-1).astype(jnp.float32) for k in ks}
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
@@ -435,23 +411,119 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return step_fn
 
 
-def make_eval_step(model: nn.Module, num_classes: int,
-                   gather: Callable = lambda t: t) -> Callable:
-  """``(variables, batch) -> sums`` of loss, top-1, top-5 and examples.
+# ------------------------------------------------------------------------------
+# The loop's two objects: the non-finite monitor and the checkpointer
+# ------------------------------------------------------------------------------
 
-  ``batch['mask']`` is 0 on padding examples, which then count nowhere.
-  ``gather`` as in :func:`make_train_step`.
+
+class NonFiniteMonitor:
+  """Non-finite steps, counted on the device, looked at by the host.
+
+  The compiled step (:func:`compile_train_step`) carries ``health``
+  (``{'first_step', 'count'}``, int32 scalars) from step to step; the host
+  reads it only where it fetches metrics anyway and before every save
+  (:meth:`check`), at most once per step.
+
+  Args:
+    health: the initial device-side counters (:meth:`initial_health`).
+    skip: ``config.skip_nonfinite_steps``: the step left the state as it was;
+      :meth:`check` reports the new ones through ``log`` instead of raising.
+    describe: ``first_bad_step -> message`` for the error.
+    log: prints a line (process 0).
   """
 
-  def eval_fn(variables: dict, batch: dict) -> dict:
-    logits = model.apply(gather(variables), batch['image'], train=False)
-    mask = batch['mask'].astype(jnp.float32)
-    loss = cross_entropy(logits, batch['label'], num_classes)
-    hits = topk_correct(logits, batch['label'], (1, 5))
-    return {'loss': (loss * mask).sum(), 'top1': (hits[1] * mask).sum(),
-            'top5': (hits[5] * mask).sum(), 'count': mask.sum()}
+  def __init__(self, health: dict, *, skip: bool,
+               describe: Callable[[int], str],
+               log: Callable[[str], None] = print):
+    self.health = health
+    self.skip = skip
+    self.describe = describe
+    self.log = log
+    self.skipped = 0  # non-finite steps skipped so far (seen by the host)
+    self._checked_step = -1
 
-  return eval_fn
+  @staticmethod
+  def initial_health(sharding) -> dict:
+    return jax.device_put({'first_step': np.zeros((), np.int32),
+                           'count': np.zeros((), np.int32)}, sharding)
+
+  def check(self, step: int) -> None:
+    """Raises :class:`NonFiniteLossError` if a step up to ``step`` was not
+    finite (unless skipping, then logs how many were skipped)."""
+    if self._checked_step == step:
+      return
+    self._checked_step = step
+    h = {k: int(v) for k, v in jax.device_get(self.health).items()}
+    if not h['count'] or h['count'] == self.skipped:
+      return
+    if self.skip:
+      self.log(f'Skipped {h["count"] - self.skipped} step(s) with a '
+               f'non-finite loss or gradient up to step {step} '
+               f'({h["count"]} in this run, the first at step '
+               f'{h["first_step"]}).')
+      self.skipped = h['count']
+      return
+    raise NonFiniteLossError(self.describe(h['first_step']), h['first_step'])
+
+
+class Checkpointer:
+  """The train state's saves and restores in ``workdir/checkpoints``.
+
+  Each save carries the run's metadata (model, classes, signature, dataset)
+  and the step; ``before_save(step)`` runs first (the trainer passes
+  :meth:`NonFiniteMonitor.check`: a non-finite state is never saved). An
+  ``OSError`` of a save, at once or later from an async write, becomes a
+  :class:`CheckpointWriteError` naming the step and the intact checkpoints.
+
+  Args:
+    mngr: the orbax manager (:func:`ghostnet_jax.checkpoint.train_checkpoint_manager`).
+    meta: the run's metadata.
+    before_save: called with the step before each save.
+  """
+
+  def __init__(self, mngr: ocp.CheckpointManager, meta: dict,
+               before_save: Callable[[int], None] = lambda step: None):
+    self.mngr = mngr
+    self.meta = meta
+    self.before_save = before_save
+    self.saves: list[int] = []  # steps whose save was started
+
+  @property
+  def directory(self) -> str:
+    return str(self.mngr.directory)
+
+  def save(self, step: int, state: Any, metrics: dict | None = None,
+           force: bool = False) -> None:
+    self.before_save(step)
+    self.saves.append(step)
+    with _checkpoint_errors(self.mngr, self.saves):
+      self.mngr.save(step, args=ocp.args.Composite(**{
+          ckpt_lib.STATE: ocp.args.StandardSave(state),
+          ckpt_lib.META: ocp.args.JsonSave({**self.meta, 'step': step}),
+      }), metrics=metrics, force=force)
+
+  def restore(self, step: int, abstract_state: Any) -> Any:
+    """The state of ``step``, laid out as ``abstract_state`` (sharded)."""
+    return self.mngr.restore(step, args=ocp.args.Composite(**{
+        ckpt_lib.STATE: ocp.args.StandardRestore(abstract_state)
+    }))[ckpt_lib.STATE]
+
+  def wait(self) -> None:
+    """Waits for async saves; raises their error as above."""
+    with _checkpoint_errors(self.mngr, self.saves):
+      self.mngr.wait_until_finished()
+
+  def committed_steps(self) -> list[int]:
+    return sorted(_committed_steps(self.directory))
+
+  def reached_preemption(self, step: int) -> bool:
+    return self.mngr.reached_preemption(step)
+
+  def best_step(self) -> int | None:
+    return self.mngr.best_step()
+
+  def close(self) -> None:
+    self.mngr.close()
 
 
 class _Preemption:
@@ -480,367 +552,6 @@ class _Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
-
-
-def _to_python(tree) -> dict:
-  return {k: float(v) for k, v in jax.device_get(tree).items()}
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write('\n')
-  os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------
-# train_and_evaluate
-# ------------------------------------------------------------------------------
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict:
-  """Trains ``config.model`` on ``config.dataset``; resumes from ``workdir``.
-
-  Args:
-    config: a config from ``configs/`` (see ``configs/default.py``).
-    workdir: run directory: checkpoints, metrics, ``config.json`` and, at the
-      end, ``final_metrics.json``.
-
-  Returns:
-    The final metrics (``step``, ``train_loss``, ``top1``, ``top5``, ...);
-    with ``preempted: True`` and no eval if the run stopped on SIGTERM or a
-    preemption notice after saving a checkpoint.
-
-  Raises:
-    ConfigError: bad config or workdir, before any compute.
-  """
-  config = ml_collections.ConfigDict(config)  # a copy we may annotate
-  workdir = os.path.abspath(workdir)
-  ckpt_lib.quiet_orbax_logs()
-
-  # ----------------------------------------------------------------------------
-  # Validation, hosts and mesh
-  # ----------------------------------------------------------------------------
-  validate_config(config)
-  if config.distributed:
-    kwargs = {}
-    if config.coordinator_address:
-      kwargs['coordinator_address'] = config.coordinator_address
-    if config.num_processes > 0:
-      kwargs['num_processes'] = config.num_processes
-    if config.process_id >= 0:
-      kwargs['process_id'] = config.process_id
-    if not jax.distributed.is_initialized():
-      jax.distributed.initialize(**kwargs)
-  process_index, process_count = jax.process_index(), jax.process_count()
-  is_main = process_index == 0
-  num_devices = jax.device_count()
-  mesh_shape = validate_devices(config, num_devices, process_count)
-  mesh = shd.make_mesh(mesh_shape)  # ('data', 'fsdp') over every device
-
-  # ----------------------------------------------------------------------------
-  # Input: the one place the trainer talks to the input pipeline
-  # ----------------------------------------------------------------------------
-  data = _Input(config, process_index, process_count)
-  num_classes = data.num_classes
-  steps_per_epoch = max(data.train_size // config.batch_size, 1)
-  total_steps = int(config.num_train_steps if config.num_train_steps > 0
-                    else round(config.num_epochs * steps_per_epoch))
-  warmup_steps = int(config.warmup_steps or
-                     round(config.warmup_epochs * steps_per_epoch))
-  do_eval = config.eval_every_steps >= 0
-  eval_every = config.eval_every_steps or total_steps
-
-  # ----------------------------------------------------------------------------
-  # Model and optimizer
-  # ----------------------------------------------------------------------------
-  try:
-    model = model_from_config(config, num_classes,
-                              bn_batch_groups=bn_groups(config, num_devices))
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f'config.model / config.model_overrides: {e}') from None
-  schedule = optim.make_schedule(
-      schedule=config.schedule, learning_rate=config.learning_rate,
-      total_steps=total_steps, warmup_steps=warmup_steps,
-      warmup_init_lr=config.warmup_init_lr, end_lr=config.end_lr,
-      decay_steps=config.step_decay_epochs * steps_per_epoch,
-      decay_rate=config.step_decay_rate)
-  tx = optim.make_optimizer(
-      optimizer=config.optimizer, schedule=schedule,
-      momentum=config.momentum, nesterov=config.nesterov,
-      weight_decay=config.weight_decay, decay_all=config.decay_bn_and_bias,
-      rmsprop_decay=config.rmsprop_decay, rmsprop_eps=config.rmsprop_eps,
-      grad_clip_norm=config.grad_clip_norm)
-  meta = {
-      'model': config.model,
-      'num_classes': num_classes,
-      'signature': architecture_signature(model, config.image_size),
-      'dataset': config.dataset,
-      'dataset_name': data.dataset,  # the tfds name the pipeline reads
-      'class_names': list(data.class_names or []),
-  }
-  # The last check before compute: a workdir of another model is refused.
-  resume_step = check_workdir(workdir, meta)
-  if jax.process_count() > 1:
-    # check_workdir opens a checkpoint manager (with its own cross-process
-    # barriers) only if checkpoints/ exists: no process may create it (below)
-    # before every process has looked, or they take different barriers.
-    multihost_utils.sync_global_devices('train_and_evaluate:workdir_checked')
-  final_path = os.path.join(workdir, FINAL_METRICS_NAME)
-  if (resume_step is not None and resume_step >= total_steps and
-      os.path.exists(final_path)):
-    with open(final_path) as f:
-      final = json.load(f)
-    if is_main:
-      print(f'{workdir} already holds a finished run ({resume_step} of '
-            f'{total_steps} steps): top-1 {_pct(final.get("top1"))}, '
-            f'top-5 {_pct(final.get("top5"))}; see {final_path}. Nothing to '
-            'do; use a new --workdir to train again.', flush=True)
-    return final
-  init_variables = None
-  if config.init_from and resume_step is None:
-    init_variables = _load_init_from(config, model, num_classes)
-
-  def init_state(rng):
-    x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-    variables = model.init(rng, x, train=False)
-    return make_state(variables['params'], variables['batch_stats'])
-
-  def make_state(params, batch_stats):
-    ema = None
-    if config.ema_decay > 0:
-      ema = {'params': params, 'batch_stats': batch_stats}
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      batch_stats=batch_stats, opt_state=tx.init(params),
-                      ema=ema)
-
-  # ----------------------------------------------------------------------------
-  # Sharding: batch over all devices, state replicated or FSDP over 'fsdp'
-  # ----------------------------------------------------------------------------
-  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
-  state_sharding = shd.state_shardings(mesh, abstract_state,
-                                       config.fsdp_min_size)
-  batch_sharding = shd.batch_sharding(mesh)
-  replicated = shd.replicated(mesh)
-
-  # ----------------------------------------------------------------------------
-  # Step
-  # ----------------------------------------------------------------------------
-  gather = functools.partial(jax.lax.with_sharding_constraint,
-                             shardings=replicated)
-  train_step = jax.jit(
-      _count_nonfinite(make_train_step(
-          model, tx, schedule, num_classes=num_classes,
-          label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
-          seed=config.seed, gather=gather,
-          skip_nonfinite=config.skip_nonfinite_steps)),
-      in_shardings=(state_sharding, replicated, batch_sharding),
-      out_shardings=(state_sharding, replicated, replicated),
-      donate_argnums=(0, 1))
-  eval_step = jax.jit(
-      make_eval_step(model, num_classes, gather),
-      in_shardings=(_eval_variables_sharding(state_sharding), batch_sharding),
-      out_shardings=replicated)
-
-  # ----------------------------------------------------------------------------
-  # Checkpoint: resume, or initialise (born sharded)
-  # ----------------------------------------------------------------------------
-  if is_main:
-    check_writable(workdir)
-    _write_json(os.path.join(workdir, CONFIG_NAME), json.loads(
-        config.to_json_best_effort()))
-  mngr = ckpt_lib.train_checkpoint_manager(
-      os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR),
-      keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoints,
-      async_save=config.async_checkpointing)
-  abstract_sharded = jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract_state, state_sharding)
-  if resume_step is not None:
-    state = mngr.restore(resume_step, args=ocp.args.Composite(**{
-        ckpt_lib.STATE: ocp.args.StandardRestore(abstract_sharded)
-    }))[ckpt_lib.STATE]
-  elif init_variables is not None:
-    state = jax.jit(make_state, out_shardings=state_sharding)(
-        *jax.device_put((init_variables['params'],
-                         init_variables['batch_stats']),
-                        (state_sharding.params, state_sharding.batch_stats)))
-  else:
-    state = jax.jit(init_state, out_shardings=state_sharding)(
-        jax.random.key(config.seed))
-  start_step = int(jax.device_get(state.step))
-
-  # Steps whose save was started (async saves finish in the background; a
-  # failure shows in a later save() or wait_until_finished()).
-  saves = []
-
-  def save(step, metrics=None, force=False):
-    check_finite(step)  # never checkpoint a NaN state
-    saves.append(step)
-    with _checkpoint_errors(mngr, saves):
-      mngr.save(step, args=ocp.args.Composite(**{
-          ckpt_lib.STATE: ocp.args.StandardSave(state),
-          ckpt_lib.META: ocp.args.JsonSave({**meta, 'step': step}),
-      }), metrics=metrics, force=force)
-
-  # Non-finite steps: counted on the device ({first step, count}); the host
-  # looks only where it fetches metrics anyway and before every save.
-  health = jax.device_put(
-      {'first_step': np.zeros((), np.int32), 'count': np.zeros((), np.int32)},
-      replicated)
-  seen = {'step': -1, 'count': 0}
-
-  def check_finite(step):
-    if seen['step'] == step:
-      return
-    seen['step'] = step
-    h = {k: int(v) for k, v in jax.device_get(health).items()}
-    if not h['count'] or h['count'] == seen['count']:
-      return
-    if config.skip_nonfinite_steps:
-      logger.print(f'Skipped {h["count"] - seen["count"]} step(s) with a '
-                   f'non-finite loss or gradient up to step {step} '
-                   f'({h["count"]} in this run, the first at step '
-                   f'{h["first_step"]}).')
-      seen['count'] = h['count']
-      return
-    raise NonFiniteLossError(_nonfinite_message(
-        h['first_step'], config, schedule, mngr), h['first_step'])
-
-  # ----------------------------------------------------------------------------
-  # Eval
-  # ----------------------------------------------------------------------------
-  def evaluate() -> dict:
-    variables = (state.ema if state.ema is not None else
-                 {'params': state.params, 'batch_stats': state.batch_stats})
-    totals = None
-    for batch in data.eval_batches():
-      sums = eval_step(variables, shd.put_batch(batch, batch_sharding))
-      totals = sums if totals is None else jax.tree_util.tree_map(
-          jnp.add, totals, sums)
-    totals = _to_python(totals)
-    n = max(totals['count'], 1.0)
-    return {'eval_loss': totals['loss'] / n, 'eval_top1': totals['top1'] / n,
-            'eval_top5': totals['top5'] / n, 'eval_count': totals['count']}
-
-  # ----------------------------------------------------------------------------
-  # Loop
-  # ----------------------------------------------------------------------------
-  logger = train_logging.MetricsLogger(
-      workdir, total_steps=total_steps, start_step=start_step,
-      enabled=is_main, progress=config.progress_bar)
-  logger.print(
-      f'Training {config.model} ({num_classes} classes) on {config.dataset} '
-      f'for {total_steps} steps of {config.batch_size} images '
-      f'({total_steps / steps_per_epoch:.1f} epochs) on {num_devices} '
-      f'{jax.devices()[0].platform} device(s), {process_count} process(es), '
-      f'mesh (data, fsdp) = {mesh_shape}; workdir {workdir}'
-      + (f'; resuming from step {start_step}' if start_step else ''))
-  preemption = _Preemption(enable=process_count == 1)
-  train_iter = data.train_batches(start_step)
-  last_train, last_eval, preempted = {}, {}, False
-  window_start, window_steps = time.perf_counter(), 0
-  run_start = time.perf_counter()
-  try:
-    with jax.transfer_guard('disallow'):
-      for step in range(start_step + 1, total_steps + 1):
-        batch = shd.put_batch(next(train_iter), batch_sharding)
-        state, health, train_metrics = train_step(state, health, batch)
-        window_steps += 1
-        logger.update(1)
-
-        if step % config.log_every_steps == 0 or step == total_steps:
-          check_finite(step)
-          last_train = _to_python(train_metrics)
-          elapsed = time.perf_counter() - window_start
-          last_train['step_time'] = elapsed / window_steps
-          last_train['img_per_sec'] = (window_steps * config.batch_size
-                                       / elapsed)
-          last_train['epoch'] = step / steps_per_epoch
-          # With a progress bar the numbers go to its postfix; without one
-          # (batch jobs, logs), one line per log step.
-          logger.write(step, last_train, echo=not config.progress_bar)
-          logger.update(0, loss=last_train['train_loss'],
-                        lr=last_train['learning_rate'],
-                        img_s=last_train['img_per_sec'])
-          window_start, window_steps = time.perf_counter(), 0
-        if step == start_step + 1:  # keep compilation out of img/s
-          jax.block_until_ready(train_metrics)
-          logger.print(f'First step (with compilation) took '
-                       f'{time.perf_counter() - run_start:.1f}s.')
-          window_start, window_steps = time.perf_counter(), 0
-
-        eval_metrics = None
-        if do_eval and (step % eval_every == 0 or step == total_steps):
-          check_finite(step)
-          eval_metrics = evaluate()
-          last_eval = {**eval_metrics, 'step': step}
-          logger.write(step, {k: v for k, v in eval_metrics.items()
-                              if k != 'eval_count'})
-          window_start, window_steps = time.perf_counter(), 0
-
-        preempted = preemption.requested or mngr.reached_preemption(step)
-        if (step % config.checkpoint_every_steps == 0 or
-            step == total_steps or preempted):
-          save(step, metrics=(None if eval_metrics is None else
-                              {'top1': eval_metrics['eval_top1']}),
-               force=preempted)
-        if preempted:
-          logger.print(f'Preempted at step {step}: checkpoint saved in '
-                       f'{mngr.directory}; rerun the same command to resume.')
-          break
-    if do_eval and not preempted and not last_eval:  # resumed past the end
-      last_eval = {**evaluate(), 'step': start_step}
-  finally:
-    try:
-      with _checkpoint_errors(mngr, saves):
-        mngr.wait_until_finished()
-    finally:
-      preemption.restore()
-      logger.close()
-
-  # ----------------------------------------------------------------------------
-  # Final report
-  # ----------------------------------------------------------------------------
-  final = {
-      'step': int(jax.device_get(state.step)),
-      'train_loss': last_train.get('train_loss'),
-      'train_top1': last_train.get('train_top1'),
-      'top1': last_eval.get('eval_top1'),
-      'top5': last_eval.get('eval_top5'),
-      'eval_loss': last_eval.get('eval_loss'),
-      'eval_examples': last_eval.get('eval_count'),
-      'eval_split': config.eval_split,
-      'evaluated_ema': config.ema_decay > 0,
-      'best_step': mngr.best_step(),
-      'nonfinite_steps_skipped': seen['count'],
-      'wall_time_s': time.perf_counter() - run_start,
-      'checkpoint_dir': str(mngr.directory),
-      'workdir': workdir,
-  }
-  mngr.close()
-  if preempted:
-    final['preempted'] = True
-    return final
-  if is_main:
-    _write_json(os.path.join(workdir, FINAL_METRICS_NAME), final)
-    plot = train_logging.plot_metrics(
-        logger.csv_path, os.path.join(workdir, train_logging.PLOT_NAME))
-    train_loss = final['train_loss']
-    logger.print(
-        f'Final (step {final["step"]}): train loss '
-        f'{"n/a" if train_loss is None else f"{train_loss:.4f}"}, '
-        f'{config.eval_split} top-1 {_pct(final["top1"])}, '
-        f'top-5 {_pct(final["top5"])} on {int(final["eval_examples"] or 0)} '
-        f'images.\n'
-        f'  checkpoints: {final["checkpoint_dir"]} (best step '
-        f'{final["best_step"]})\n'
-        f'  metrics:     {os.path.join(workdir, FINAL_METRICS_NAME)}, '
-        f'{logger.csv_path}, {os.path.join(workdir, "tensorboard")}\n'
-        f'  plot:        {plot}')
-  return final
 
 
 def check_writable(workdir: str) -> None:
@@ -921,9 +632,10 @@ def _count_nonfinite(step_fn: Callable) -> Callable:
   return fn
 
 
-def _nonfinite_message(step: int, config, schedule, mngr) -> str:
-  mngr.wait_until_finished()  # saves started before are good: let them land
-  kept = sorted(_committed_steps(str(mngr.directory)))
+def _nonfinite_message(step: int, config, schedule,
+                       checkpointer: Checkpointer) -> str:
+  checkpointer.mngr.wait_until_finished()  # saves started before are good
+  kept = checkpointer.committed_steps()
   with jax.transfer_guard('allow'):  # an error path, once
     lr = float(schedule(step - 1))
   hints = [f'lower config.learning_rate (now {config.learning_rate:g}; '
@@ -936,7 +648,7 @@ def _nonfinite_message(step: int, config, schedule, mngr) -> str:
     hints.append('clip gradients (config.grad_clip_norm=1.0)')
   hints.append('or set config.skip_nonfinite_steps=True to skip such steps')
   return (f'The loss or the gradients became NaN/Inf at step {step}. The '
-          f'state after it was not saved: the checkpoints in {mngr.directory} '
+          f'state after it was not saved: the checkpoints in {checkpointer.directory} '
           f'(steps {kept}) are from before and untouched, and a rerun resumes '
           f'from step {kept[-1] if kept else 0}. To fix: '
           + '; '.join(hints) + '.')
@@ -946,66 +658,440 @@ def _pct(v) -> str:
   return 'n/a' if v is None else f'{100 * v:.2f}%'
 
 
-def _eval_variables_sharding(state_sharding: TrainState) -> dict:
-  src = state_sharding.ema if state_sharding.ema is not None else {
-      'params': state_sharding.params,
-      'batch_stats': state_sharding.batch_stats}
-  return src
+# ------------------------------------------------------------------------------
+# 1. Hosts and mesh
+# ------------------------------------------------------------------------------
 
 
-def _load_init_from(config, model: nn.Module, num_classes: int) -> dict:
-  """Converted weights for ``config.init_from``; classifier reset if needed.
+@dataclasses.dataclass(frozen=True)
+class Hosts:
+  """Where the run computes: processes, devices and the mesh."""
+  process_index: int
+  process_count: int
+  num_devices: int
+  mesh_shape: tuple[int, int]
+  mesh: jax.sharding.Mesh
+
+  @property
+  def is_main(self) -> bool:
+    return self.process_index == 0
+
+
+def setup_hosts(config: ml_collections.ConfigDict) -> Hosts:
+  """Joins the other processes (``config.distributed``), checks batch sizes
+  against the devices and builds the ``('data', 'fsdp')`` mesh."""
+  if config.distributed and not jax.distributed.is_initialized():
+    kwargs = {}
+    if config.coordinator_address:
+      kwargs['coordinator_address'] = config.coordinator_address
+    if config.num_processes > 0:
+      kwargs['num_processes'] = config.num_processes
+    if config.process_id >= 0:
+      kwargs['process_id'] = config.process_id
+    jax.distributed.initialize(**kwargs)
+  process_count = jax.process_count()
+  num_devices = jax.device_count()
+  mesh_shape = validate_devices(config, num_devices, process_count)
+  return Hosts(process_index=jax.process_index(), process_count=process_count,
+               num_devices=num_devices, mesh_shape=tuple(mesh_shape),
+               mesh=shd.make_mesh(mesh_shape))
+
+
+# ------------------------------------------------------------------------------
+# 2. Input
+# ------------------------------------------------------------------------------
+
+
+class Data(Protocol):
+  """What the trainer needs of its data (:class:`DataSource`, or a fake)."""
+  dataset: str  # the name the pipeline reads (recorded in checkpoints)
+  num_classes: int
+  train_size: int
+  class_names: Any
+
+  def train_batches(self, start_step: int) -> Iterator[dict]: ...
+
+  def eval_batches(self) -> Iterator[dict]: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class RunLength:
+  """Steps of the run, derived from the config and the train split size."""
+  steps_per_epoch: int
+  total_steps: int
+  warmup_steps: int
+  eval_every: int  # 0: never
+
+  @classmethod
+  def of(cls, config, train_size: int) -> 'RunLength':
+    per_epoch = max(train_size // config.batch_size, 1)
+    total = int(config.num_train_steps if config.num_train_steps > 0
+                else round(config.num_epochs * per_epoch))
+    warmup = int(config.warmup_steps or
+                 round(config.warmup_epochs * per_epoch))
+    every = (0 if config.eval_every_steps < 0 else
+             config.eval_every_steps or total)
+    return cls(per_epoch, total, warmup, every)
+
+
+# ------------------------------------------------------------------------------
+# 3. Model and optimizer
+# ------------------------------------------------------------------------------
+
+
+def build_model(config, num_classes: int, num_devices: int) -> nn.Module:
+  """The config's model, one BatchNorm group per ``bn_batch_groups``."""
+  try:
+    return model_from_config(config, num_classes,
+                             bn_batch_groups=bn_groups(config, num_devices))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f'config.model / config.model_overrides: {e}') from None
+
+
+def build_optimizer(config, length: RunLength
+                    ) -> tuple[optax.Schedule, optax.GradientTransformation]:
+  """The learning-rate schedule and the optax optimizer of the config."""
+  schedule = optim.make_schedule(
+      schedule=config.schedule, learning_rate=config.learning_rate,
+      total_steps=length.total_steps, warmup_steps=length.warmup_steps,
+      warmup_init_lr=config.warmup_init_lr, end_lr=config.end_lr,
+      decay_steps=config.step_decay_epochs * length.steps_per_epoch,
+      decay_rate=config.step_decay_rate)
+  tx = optim.make_optimizer(
+      optimizer=config.optimizer, schedule=schedule,
+      momentum=config.momentum, nesterov=config.nesterov,
+      weight_decay=config.weight_decay, decay_all=config.decay_bn_and_bias,
+      rmsprop_decay=config.rmsprop_decay, rmsprop_eps=config.rmsprop_eps,
+      grad_clip_norm=config.grad_clip_norm)
+  return schedule, tx
+
+
+def run_metadata(config, model: nn.Module, data: Data) -> dict:
+  """What every checkpoint of the run records (and a resume must match)."""
+  return {
+      'model': config.model,
+      'num_classes': data.num_classes,
+      'signature': architecture_signature(model, config.image_size),
+      'dataset': config.dataset,
+      'dataset_name': data.dataset,  # the tfds name the pipeline reads
+      'class_names': list(data.class_names or []),
+  }
+
+
+# ------------------------------------------------------------------------------
+# 4. State: create or restore
+# ------------------------------------------------------------------------------
+
+
+def _finished_run(workdir: str, resume_step: int | None, total_steps: int,
+                  is_main: bool) -> dict | None:
+  """The final metrics of a run already complete in ``workdir``, or None."""
+  final_path = os.path.join(workdir, FINAL_METRICS_NAME)
+  if (resume_step is None or resume_step < total_steps or
+      not os.path.exists(final_path)):
+    return None
+  with open(final_path) as f:
+    final = json.load(f)
+  if is_main:
+    print(f'{workdir} already holds a finished run ({resume_step} of '
+          f'{total_steps} steps): top-1 {_pct(final.get("top1"))}, '
+          f'top-5 {_pct(final.get("top5"))}; see {final_path}. Nothing to '
+          'do; use a new --workdir to train again.', flush=True)
+  return final
+
+
+class StateFactory:
+  """Builds the :class:`TrainState` (fresh, from given variables, or its
+  abstract shape) and its shardings over the mesh."""
+
+  def __init__(self, config, model: nn.Module, tx, mesh):
+    self.config, self.model, self.tx = config, model, tx
+    self.abstract = jax.eval_shape(self.init, jax.random.key(0))
+    self.sharding = shd.state_shardings(mesh, self.abstract,
+                                        config.fsdp_min_size)
+
+  def init(self, rng) -> TrainState:
+    variables = utils.init_fn(self.model, self.config.image_size)(rng)
+    return self.from_variables(variables['params'], variables['batch_stats'])
+
+  def from_variables(self, params, batch_stats) -> TrainState:
+    ema = None
+    if self.config.ema_decay > 0:
+      ema = {'params': params, 'batch_stats': batch_stats}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=batch_stats,
+                      opt_state=self.tx.init(params), ema=ema)
+
+  def abstract_sharded(self) -> TrainState:
+    return jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        self.abstract, self.sharding)
+
+
+def create_or_restore_state(factory: StateFactory, checkpointer: Checkpointer,
+                            resume_step: int | None,
+                            init_variables: dict | None, seed: int):
+  """The state to start from, born sharded: restored from ``resume_step``,
+  built on ``init_variables`` (``config.init_from``), or initialised."""
+  if resume_step is not None:
+    return checkpointer.restore(resume_step, factory.abstract_sharded())
+  s = factory.sharding
+  if init_variables is not None:
+    return jax.jit(factory.from_variables, out_shardings=s)(
+        *jax.device_put((init_variables['params'],
+                         init_variables['batch_stats']),
+                        (s.params, s.batch_stats)))
+  return jax.jit(factory.init, out_shardings=s)(jax.random.key(seed))
+
+
+def load_init_from(config, model: nn.Module) -> dict:
+  """``config.init_from``'s weights (any checkpoint :mod:`ghostnet_jax.loading`
+  reads) fitted to ``model``: the classifier is re-initialised when its
+  shape differs.
 
   Raises:
     ConfigError: another model, or shapes that do not match.
   """
-  variables, meta = ckpt_lib.restore_converted(config.init_from)
-  if meta.get('model') not in (None, config.model):
+  try:
+    loaded = loading.load_checkpoint(
+        config.init_from, model_kwargs={
+            k: v for k, v in loading.model_kwargs(config).items()
+            if k in (config.model_overrides or {})})
+  except (ValueError, OSError) as e:
+    raise ConfigError(f'config.init_from: {e}') from None
+  if loaded.model != config.model:
     raise ConfigError(
-        f'config.init_from holds {meta.get("model")!r} weights but '
+        f'config.init_from holds {loaded.model!r} weights but '
         f'config.model is {config.model!r}.')
-  fresh = jax.eval_shape(
-      lambda: model.init(jax.random.key(0), jnp.zeros(
-          (1, config.image_size, config.image_size, 3)), train=False))
-  out = {}
-  for col in ('params', 'batch_stats'):
-    want = flax.traverse_util.flatten_dict(dict(fresh[col]), sep='/')
-    have = flax.traverse_util.flatten_dict(dict(variables[col]), sep='/')
-    merged = {}
-    for k, spec in want.items():
-      v = have.get(k)
-      if v is not None and tuple(v.shape) == tuple(spec.shape):
-        merged[k] = np.asarray(v, spec.dtype)
-      elif k.startswith('classifier/'):
-        merged[k] = None  # re-initialised below
-      else:
-        raise ConfigError(
-            f'config.init_from: {col}/{k} is '
-            f'{None if v is None else tuple(v.shape)} in the checkpoint, '
-            f'{tuple(spec.shape)} in the model.')
-    out[col] = merged
+  fresh = utils.abstract_variables(model, config.image_size)
+  out = {col: _fit(col, loaded.variables[col], fresh[col])
+         for col in ('params', 'batch_stats')}
   if any(v is None for v in out['params'].values()):
-    init = jax.jit(lambda r: model.init(r, jnp.zeros(
-        (1, config.image_size, config.image_size, 3)), train=False))(
-            jax.random.key(config.seed))
-    fresh_flat = flax.traverse_util.flatten_dict(dict(init['params']), sep='/')
-    out['params'] = {k: (np.asarray(fresh_flat[k]) if v is None else v)
+    init = jax.jit(utils.init_fn(model, config.image_size))(
+        jax.random.key(config.seed))
+    new = flax.traverse_util.flatten_dict(dict(init['params']), sep='/')
+    out['params'] = {k: (np.asarray(new[k]) if v is None else v)
                      for k, v in out['params'].items()}
   return {col: flax.traverse_util.unflatten_dict(v, sep='/')
           for col, v in out.items()}
 
 
-DIGITS_ALIASES = ('digits', 'ghostnet_digits')
+def _fit(col: str, have: dict, want: dict) -> dict:
+  """Flat ``{path: array}`` of ``have`` in ``want``'s shapes; ``None`` for a
+  classifier entry to re-initialise."""
+  want = flax.traverse_util.flatten_dict(dict(want), sep='/')
+  have = flax.traverse_util.flatten_dict(dict(have), sep='/')
+  merged = {}
+  for k, spec in want.items():
+    v = have.get(k)
+    if v is not None and tuple(v.shape) == tuple(spec.shape):
+      merged[k] = np.asarray(v, spec.dtype)
+    elif k.startswith('classifier/'):
+      merged[k] = None
+    else:
+      raise ConfigError(
+          f'config.init_from: {col}/{k} is '
+          f'{None if v is None else tuple(v.shape)} in the checkpoint, '
+          f'{tuple(spec.shape)} in the model.')
+  return merged
 
 
-class _Input:
-  """The trainer's view of :mod:`ghostnet_jax.input_pipeline`.
+# ------------------------------------------------------------------------------
+# 5. Compiled steps
+# ------------------------------------------------------------------------------
+
+
+def compile_train_step(model, tx, schedule, config, num_classes: int,
+                       factory: StateFactory, mesh) -> Callable:
+  """``(state, health, batch) -> (state, health, metrics)`` under
+  ``jax.jit``: sharded as the state, state and health donated."""
+  replicated = shd.replicated(mesh)
+  gather = functools.partial(jax.lax.with_sharding_constraint,
+                             shardings=replicated)
+  step = make_train_step(
+      model, tx, schedule, num_classes=num_classes,
+      label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
+      seed=config.seed, gather=gather,
+      skip_nonfinite=config.skip_nonfinite_steps)
+  return jax.jit(
+      _count_nonfinite(step),
+      in_shardings=(factory.sharding, replicated, shd.batch_sharding(mesh)),
+      out_shardings=(factory.sharding, replicated, replicated),
+      donate_argnums=(0, 1))
+
+
+def eval_variables(state: TrainState) -> dict:
+  """What is evaluated: the EMA when the run keeps one, else the weights."""
+  if state.ema is not None:
+    return state.ema
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def evaluate_state(model, state: TrainState, data: Data, num_classes: int,
+                   mesh) -> dict:
+  """One pass over the eval split with :mod:`ghostnet_jax.evaluation` (the
+  evaluator ``eval.py`` uses): ``eval_loss``, ``eval_top1``, ``eval_top5``
+  (fractions) and ``eval_count``."""
+  sums = evaluation.evaluate_batches(model, eval_variables(state),
+                                     data.eval_batches(),
+                                     num_classes=num_classes, mesh=mesh)
+  n = max(sums['count'], 1)
+  return {'eval_loss': sums['loss'] / n, 'eval_top1': sums['top1'] / n,
+          'eval_top5': sums['top5'] / n, 'eval_count': float(sums['count'])}
+
+
+# ------------------------------------------------------------------------------
+# 6. The loop
+# ------------------------------------------------------------------------------
+
+
+class _Window:
+  """Wall time and steps since the last reset (img/s without compilation)."""
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self):
+    self.start, self.steps = time.perf_counter(), 0
+
+  def rates(self, batch_size: int) -> dict:
+    elapsed = time.perf_counter() - self.start
+    return {'step_time': elapsed / max(self.steps, 1),
+            'img_per_sec': self.steps * batch_size / elapsed}
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: Any
+  last_train: dict
+  last_eval: dict
+  preempted: bool
+
+
+def train_loop(config, state, *, train_step: Callable, data: Data,
+               evaluate: Callable[[Any], dict], checkpointer: Checkpointer,
+               monitor: NonFiniteMonitor, logger, length: RunLength,
+               batch_sharding, preemption: '_Preemption',
+               run_start: float) -> LoopResult:
+  """Steps ``state.step + 1 .. length.total_steps``: log, eval and save at
+  their intervals; stops after a save on SIGTERM or a preemption notice."""
+  start_step = int(jax.device_get(state.step))
+  total = length.total_steps
+  train_iter = data.train_batches(start_step)
+  last_train, last_eval, preempted = {}, {}, False
+  window = _Window()
+  with jax.transfer_guard('disallow'):
+    for step in range(start_step + 1, total + 1):
+      batch = shd.put_batch(next(train_iter), batch_sharding)
+      state, monitor.health, train_metrics = train_step(
+          state, monitor.health, batch)
+      window.steps += 1
+      logger.update(1)
+      if step % config.log_every_steps == 0 or step == total:
+        monitor.check(step)
+        last_train = {k: float(v) for k, v in
+                      jax.device_get(train_metrics).items()}
+        last_train.update(window.rates(config.batch_size),
+                          epoch=step / length.steps_per_epoch)
+        # With a progress bar the numbers go to its postfix; without one
+        # (batch jobs, logs), one line per log step.
+        logger.write(step, last_train, echo=not config.progress_bar)
+        logger.update(0, loss=last_train['train_loss'],
+                      lr=last_train['learning_rate'],
+                      img_s=last_train['img_per_sec'])
+        window.reset()
+      if step == start_step + 1:  # keep compilation out of img/s
+        jax.block_until_ready(train_metrics)
+        logger.print(f'First step (with compilation) took '
+                     f'{time.perf_counter() - run_start:.1f}s.')
+        window.reset()
+      eval_metrics = None
+      if length.eval_every and (step % length.eval_every == 0 or
+                                step == total):
+        monitor.check(step)
+        eval_metrics = evaluate(state)
+        last_eval = {**eval_metrics, 'step': step}
+        logger.write(step, {k: v for k, v in eval_metrics.items()
+                            if k != 'eval_count'})
+        window.reset()
+      preempted = preemption.requested or checkpointer.reached_preemption(step)
+      if (step % config.checkpoint_every_steps == 0 or step == total or
+          preempted):
+        checkpointer.save(step, state, force=preempted, metrics=(
+            None if eval_metrics is None else
+            {'top1': eval_metrics['eval_top1']}))
+      if preempted:
+        logger.print(f'Preempted at step {step}: checkpoint saved in '
+                     f'{checkpointer.directory}; rerun the same command to '
+                     'resume.')
+        break
+  if length.eval_every and not preempted and not last_eval:
+    last_eval = {**evaluate(state), 'step': start_step}  # resumed past the end
+  return LoopResult(state, last_train, last_eval, preempted)
+
+
+# ------------------------------------------------------------------------------
+# 7. The report
+# ------------------------------------------------------------------------------
+
+
+def final_report(config, workdir: str, result: LoopResult,
+                 checkpointer: Checkpointer, monitor: NonFiniteMonitor,
+                 logger, run_start: float, is_main: bool) -> dict:
+  """The final metrics; process 0 writes ``final_metrics.json`` and the
+  plot, and prints where everything is (not after a preemption)."""
+  last_train, last_eval = result.last_train, result.last_eval
+  final = {
+      'step': int(jax.device_get(result.state.step)),
+      'train_loss': last_train.get('train_loss'),
+      'train_top1': last_train.get('train_top1'),
+      'top1': last_eval.get('eval_top1'),
+      'top5': last_eval.get('eval_top5'),
+      'eval_loss': last_eval.get('eval_loss'),
+      'eval_examples': last_eval.get('eval_count'),
+      'eval_split': config.eval_split,
+      'evaluated_ema': config.ema_decay > 0,
+      'best_step': checkpointer.best_step(),
+      'nonfinite_steps_skipped': monitor.skipped,
+      'wall_time_s': time.perf_counter() - run_start,
+      'checkpoint_dir': checkpointer.directory,
+      'workdir': workdir,
+  }
+  if result.preempted:
+    final['preempted'] = True
+    return final
+  if is_main:
+    final_path = os.path.join(workdir, FINAL_METRICS_NAME)
+    utils.write_json(final_path, final, sort_keys=True)
+    plot = train_logging.plot_metrics(
+        logger.csv_path, os.path.join(workdir, train_logging.PLOT_NAME))
+    train_loss = final['train_loss']
+    logger.print(
+        f'Final (step {final["step"]}): train loss '
+        f'{"n/a" if train_loss is None else f"{train_loss:.4f}"}, '
+        f'{config.eval_split} top-1 {_pct(final["top1"])}, '
+        f'top-5 {_pct(final["top5"])} on {int(final["eval_examples"] or 0)} '
+        f'images.\n'
+        f'  checkpoints: {final["checkpoint_dir"]} (best step '
+        f'{final["best_step"]})\n'
+        f'  metrics:     {final_path}, '
+        f'{logger.csv_path}, {os.path.join(workdir, "tensorboard")}\n'
+        f'  plot:        {plot}')
+  return final
+
+
+class DataSource:
+  """The trainer's data (:class:`Data`) from an input pipeline module
+  (:mod:`ghostnet_jax.input_pipeline`, or a fake with the same three
+  functions).
 
   ``dataset='digits'`` builds the embedded digits dataset into ``data_dir``
   the first time (``ghostnet_digits/32``, or ``/64`` for images above 32).
   """
 
-  def __init__(self, config, process_index: int, process_count: int):
+  def __init__(self, config, process_index: int, process_count: int,
+               pipeline: Any = None):
+    self.pipeline = input_pipeline if pipeline is None else pipeline
     self.config = config
     self.process_index = process_index
     self.process_count = process_count
@@ -1013,9 +1099,10 @@ class _Input:
       if config.dataset in DIGITS_ALIASES:
         from ghostnet_jax.datasets import digits  # pylint: disable=g-import-not-at-top
         info = digits.prepare_digits(
-            config.data_dir, image_size=32 if config.image_size <= 32 else 64)
+            config.data_dir,
+            image_size=digits.config_size_for(config.image_size))
       else:
-        info = input_pipeline.get_dataset_info(config.dataset,
+        info = self.pipeline.get_dataset_info(config.dataset,
                                                config.data_dir or None)
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise ConfigError(f'config.dataset={config.dataset!r} '
@@ -1042,7 +1129,7 @@ class _Input:
   def train_batches(self, start_step: int) -> Iterator[dict]:
     """Local batches for steps ``start_step, start_step + 1, ...``."""
     c = self.config
-    return iter(input_pipeline.train_iterator(
+    return iter(self.pipeline.train_iterator(
         dataset=self.dataset, data_dir=self.data_dir, split=c.train_split,
         global_batch_size=c.batch_size, image_size=c.image_size, seed=c.seed,
         start_step=start_step, mean=self.mean, std=self.std,
@@ -1054,9 +1141,141 @@ class _Input:
   def eval_batches(self) -> Iterator[dict]:
     """Local padded eval batches with a ``mask``, one pass over the split."""
     c = self.config
-    return iter(input_pipeline.eval_iterator(
+    return iter(self.pipeline.eval_iterator(
         dataset=self.dataset, data_dir=self.data_dir, split=c.eval_split,
         global_batch_size=c.eval_batch_size, image_size=c.image_size,
         crop_fraction=c.eval_crop_fraction, interpolation=c.interpolation,
         mean=self.mean, std=self.std, process_index=self.process_index,
         process_count=self.process_count))
+
+
+# The trainer's data source under its former name.
+_Input = DataSource
+
+
+# ------------------------------------------------------------------------------
+# train_and_evaluate
+# ------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       data: Data | None = None,
+                       model: nn.Module | None = None,
+                       pipeline: Any = None) -> dict:
+  """Trains ``config.model`` on ``config.dataset``; resumes from ``workdir``.
+
+  Args:
+    config: a config from ``configs/`` (see ``configs/default.py``).
+    workdir: run directory: checkpoints, metrics, ``config.json`` and, at the
+      end, ``final_metrics.json``.
+    data: the data source (:class:`Data`); default :class:`DataSource` over
+      ``pipeline``.
+    model: the Flax module to train; default :func:`build_model` of the
+      config (``config.model`` is still what checkpoints record).
+    pipeline: the input module :class:`DataSource` reads
+      (``get_dataset_info``, ``train_iterator``, ``eval_iterator``); default
+      :mod:`ghostnet_jax.input_pipeline`.
+
+  Returns:
+    The final metrics (``step``, ``train_loss``, ``top1``, ``top5``, ...);
+    with ``preempted: True`` and no eval if the run stopped on SIGTERM or a
+    preemption notice after saving a checkpoint.
+
+  Raises:
+    ConfigError: bad config or workdir, before any compute.
+  """
+  config = ml_collections.ConfigDict(config)  # a copy we may annotate
+  workdir = os.path.abspath(workdir)
+  ckpt_lib.quiet_orbax_logs()
+  validate_config(config)
+
+  # 1. Hosts and mesh.
+  hosts = setup_hosts(config)
+  # 2. Input.
+  if data is None:
+    data = DataSource(config, hosts.process_index, hosts.process_count,
+                      pipeline or input_pipeline)
+  length = RunLength.of(config, data.train_size)
+  # 3. Model and optimizer.
+  if model is None:
+    model = build_model(config, data.num_classes, hosts.num_devices)
+  schedule, tx = build_optimizer(config, length)
+  meta = run_metadata(config, model, data)
+
+  # 4. State: the last checks before compute, then create or restore.
+  resume_step = check_workdir(workdir, meta)  # another model's: refused
+  if hosts.process_count > 1:
+    # check_workdir opens a checkpoint manager (with its own cross-process
+    # barriers) only if checkpoints/ exists: no process may create it (below)
+    # before every process has looked, or they take different barriers.
+    multihost_utils.sync_global_devices('train_and_evaluate:workdir_checked')
+  finished = _finished_run(workdir, resume_step, length.total_steps,
+                           hosts.is_main)
+  if finished is not None:
+    return finished
+  init_variables = None
+  if config.init_from and resume_step is None:
+    init_variables = load_init_from(config, model)
+  factory = StateFactory(config, model, tx, hosts.mesh)
+  if hosts.is_main:
+    check_writable(workdir)
+    utils.write_json(os.path.join(workdir, CONFIG_NAME),
+                     json.loads(config.to_json_best_effort()), sort_keys=True)
+  checkpointer = Checkpointer(
+      ckpt_lib.train_checkpoint_manager(
+          os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR),
+          keep=config.keep_checkpoints, keep_best=config.keep_best_checkpoints,
+          async_save=config.async_checkpointing), meta)
+  state = create_or_restore_state(factory, checkpointer, resume_step,
+                                  init_variables, config.seed)
+  start_step = int(jax.device_get(state.step))
+
+  # 5. Compiled steps.
+  train_step = compile_train_step(model, tx, schedule, config,
+                                  data.num_classes, factory, hosts.mesh)
+  evaluate = functools.partial(evaluate_state, model, data=data,
+                               num_classes=data.num_classes, mesh=hosts.mesh)
+
+  # 6. The loop.
+  logger = train_logging.MetricsLogger(
+      workdir, total_steps=length.total_steps, start_step=start_step,
+      enabled=hosts.is_main, progress=config.progress_bar)
+  logger.print(_run_banner(config, data, length, hosts, workdir, start_step))
+  monitor = NonFiniteMonitor(
+      NonFiniteMonitor.initial_health(shd.replicated(hosts.mesh)),
+      skip=config.skip_nonfinite_steps, log=logger.print,
+      describe=lambda first: _nonfinite_message(first, config, schedule,
+                                                checkpointer))
+  checkpointer.before_save = monitor.check  # never checkpoint a NaN state
+  preemption = _Preemption(enable=hosts.process_count == 1)
+  run_start = time.perf_counter()
+  try:
+    result = train_loop(
+        config, state, train_step=train_step, data=data, evaluate=evaluate,
+        checkpointer=checkpointer, monitor=monitor, logger=logger,
+        length=length, batch_sharding=shd.batch_sharding(hosts.mesh),
+        preemption=preemption, run_start=run_start)
+  finally:
+    try:
+      checkpointer.wait()
+    finally:
+      preemption.restore()
+      logger.close()
+
+  # 7. The report.
+  final = final_report(config, workdir, result, checkpointer, monitor, logger,
+                       run_start, hosts.is_main)
+  checkpointer.close()
+  return final
+
+
+def _run_banner(config, data: Data, length: RunLength, hosts: Hosts,
+                workdir: str, start_step: int) -> str:
+  return (
+      f'Training {config.model} ({data.num_classes} classes) on '
+      f'{config.dataset} for {length.total_steps} steps of {config.batch_size} '
+      f'images ({length.total_steps / length.steps_per_epoch:.1f} epochs) on '
+      f'{hosts.num_devices} {jax.devices()[0].platform} device(s), '
+      f'{hosts.process_count} process(es), mesh (data, fsdp) = '
+      f'{hosts.mesh_shape}; workdir {workdir}'
+      + (f'; resuming from step {start_step}' if start_step else ''))

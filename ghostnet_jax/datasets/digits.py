@@ -156,6 +156,12 @@ def _file_lock(path: str):
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def config_size_for(image_size: int) -> int:
+  """The digits builder config (32 or 64) a run at ``image_size`` reads:
+  32 up to 32 pixels, else 64 (images are resized down, never up)."""
+  return 32 if image_size <= 32 else 64
+
+
 def prepare_digits(data_dir: str, image_size: int = 32):
   """Builds ``ghostnet_digits`` into ``data_dir`` once; a no-op when built.
 
