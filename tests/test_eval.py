@@ -275,6 +275,44 @@ def test_workdir_alone_reproduces_the_runs_final_top1(workdir, tmp_path,
   assert r['checkpoint_metrics'] == {'top1': pytest.approx(final['top1'])}
 
 
+@pytest.mark.slow
+def test_digits_workdir_at_48_pixels_reproduces_the_runs_top1(
+    digits_dir, tmp_path, capsys):
+  """A run on 'digits' above 32 pixels reads ghostnet_digits/64; eval.py on
+  the workdir alone must read the same data and count the same hits."""
+  import train_test_utils
+  from ghostnet_jax import train_lib
+  config = train_test_utils.tiny_config(
+      dataset='digits', data_dir=digits_dir, image_size=48, eval_split='test',
+      num_train_steps=2, checkpoint_every_steps=2, async_checkpointing=False)
+  path = tmp_path / 'workdir'
+  final = train_lib.train_and_evaluate(config, str(path))
+  out_json = tmp_path / 'results.json'
+  rc, _, err = _run(['--checkpoint', path, '--output', out_json,
+                     '--no_progress'], capsys)
+  assert rc == 0, err
+  r = json.loads(out_json.read_text())
+  assert (r['dataset'], r['split']) == ('ghostnet_digits/64', 'test')
+  assert r['preprocessing']['input_size'] == 48
+  assert r['num_examples'] == final['eval_examples'] == 359
+  assert r['correct_top1'] == round(final['top1'] * 359)
+  assert r['correct_top5'] == round(final['top5'] * 359)
+  assert r['top1'] == pytest.approx(100 * final['top1'], abs=1e-9)
+
+
+def test_workdir_dataset_of_runs_that_did_not_record_it():
+  from ghostnet_jax import loading
+  assert loading.workdir_dataset(
+      {'dataset': 'digits', 'image_size': 48}, {}) == 'ghostnet_digits/64'
+  assert loading.workdir_dataset(
+      {'dataset': 'digits', 'image_size': 16}, {}) == 'ghostnet_digits/32'
+  assert loading.workdir_dataset(
+      {'dataset': 'digits', 'image_size': 48},
+      {'dataset': 'digits', 'dataset_name': 'ghostnet_digits/64'}
+  ) == 'ghostnet_digits/64'
+  assert loading.workdir_dataset({'dataset': 'cifar10'}, {}) == 'cifar10'
+
+
 def test_workdir_options(workdir, image_files, capsys):
   path, final = workdir
   rc, out, err = _run(['--checkpoint', path, '--no-ema', '--which', 'latest',
