@@ -12,12 +12,13 @@
 
 Top-1/top-5 are in percent. Mistakes (missing or mismatched checkpoint,
 unknown model or dataset, unreadable image) print ``error: ...`` and exit
-with status 2. See ``ghostnet_jax/eval_lib.py`` for the library.
+with status 2. See ``ghostnet_jax/eval_lib.py`` for the library, ``ghostnet_jax/eval_cli.py``
+for this command line.
 """
 
 import sys
 
-from ghostnet_jax import eval_lib
+from ghostnet_jax import eval_cli
 
 if __name__ == '__main__':
-  sys.exit(eval_lib.main())
+  sys.exit(eval_cli.main())

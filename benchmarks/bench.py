@@ -151,29 +151,25 @@ def cpu_threads() -> int:
 
 
 def make_train_step(model, tx):
-  """``step(state, x, labels) -> (state, loss)``: forward with batch
-  statistics and dropout, backward, ``tx`` update; ``state`` is
-  ``(params, batch_stats, opt_state, step)``."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
+  """The trainer's step (:func:`ghostnet_jax.train_lib.make_train_step`:
+  forward with batch statistics and dropout, cross-entropy, backward, ``tx``
+  update, metrics) as ``step(state, x, labels) -> (state, loss)`` with
+  ``state = (params, batch_stats, opt_state, step)``."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  step_fn = train_lib.make_train_step(
+      model, tx, lambda step: jnp.zeros((), jnp.float32),
+      num_classes=model.num_classes, label_smoothing=0.0, ema_decay=0.0,
+      seed=0)
 
   def train_step(state, x, labels):
     params, batch_stats, opt_state, step = state
-
-    def loss_fn(p):
-      logits, new = model.apply(
-          {'params': p, 'batch_stats': batch_stats}, x, train=True,
-          mutable=['batch_stats'],
-          rngs={'dropout': jax.random.fold_in(jax.random.key(0), step)})
-      loss = optax.softmax_cross_entropy_with_integer_labels(
-          logits, labels).mean()
-      return loss, new['batch_stats']
-
-    (loss, batch_stats), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return (params, batch_stats, opt_state, step + 1), loss
+    new, metrics = step_fn(
+        train_lib.TrainState(step=step, params=params,
+                             batch_stats=batch_stats, opt_state=opt_state),
+        {'image': x, 'label': labels})
+    return ((new.params, new.batch_stats, new.opt_state, new.step),
+            metrics['train_loss'])
 
   return train_step
 

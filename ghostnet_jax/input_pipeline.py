@@ -86,11 +86,26 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 
 def _resample(interpolation: str) -> Image.Resampling:
+  """PIL's filter for ``interpolation``; a ValueError naming the choices."""
   try:
     return INTERPOLATIONS[interpolation]
   except KeyError:
     raise ValueError(f'Unknown interpolation {interpolation!r}; expected one '
                      f'of {sorted(INTERPOLATIONS)}.') from None
+
+
+def _check_mean_std(mean: Sequence[float], std: Sequence[float]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """``mean`` and ``std`` as float32 ``(3,)``; a ValueError unless 3 values
+  each and ``std > 0``."""
+  mean = np.asarray(mean, np.float32)
+  std = np.asarray(std, np.float32)
+  if mean.shape != (3,) or std.shape != (3,):
+    raise ValueError(f'mean and std need 3 values each, got {mean.shape} and '
+                     f'{std.shape}.')
+  if float(std.min()) <= 0.0:
+    raise ValueError(f'std must be positive, got {tuple(std)}.')
+  return mean, std
 
 
 def _check_size(image_size: int) -> int:
@@ -107,13 +122,7 @@ def normalize(image: np.ndarray, mean: Sequence[float],
   ``mean`` and ``std`` are per channel on the [0, 1] scale (torchvision's
   convention, e.g. :data:`IMAGENET_MEAN`).
   """
-  mean = np.asarray(mean, np.float32)
-  std = np.asarray(std, np.float32)
-  if mean.shape != (3,) or std.shape != (3,):
-    raise ValueError(f'mean and std need 3 values each, got {mean.shape} and '
-                     f'{std.shape}.')
-  if float(std.min()) <= 0.0:
-    raise ValueError(f'std must be positive, got {tuple(std)}.')
+  mean, std = _check_mean_std(mean, std)
   image = np.asarray(image)
   if image.shape[-1:] != (3,):
     raise ValueError(f'Expected (..., 3) channels last, got shape {image.shape}.')
@@ -700,10 +709,10 @@ def train_iterator(*, dataset: str, data_dir: str | None, split: str = 'train',
       start_step, (int, np.integer)) or start_step < 0:
     raise ValueError(f'start_step must be a non-negative int, got {start_step!r}.')
   image_size = _check_size(image_size)
-  _resample(interpolation)
+  _resample(interpolation)  # a known name
   scale = _check_range('scale', scale)
   ratio = _check_range('ratio', ratio)
-  normalize(np.zeros((1, 3), np.uint8), mean, std)  # Validates mean/std.
+  _check_mean_std(mean, std)
   process_index, process_count = _processes(process_index, process_count)
   local = _local_batch(global_batch_size, process_count)
   builder, info = _load(dataset, data_dir, image_key, label_key)
@@ -769,8 +778,8 @@ def eval_iterator(*, dataset: str, data_dir: str | None, split: str,
   """
   image_size = _check_size(image_size)
   eval_resize_size(image_size, crop_fraction)
-  _resample(interpolation)
-  normalize(np.zeros((1, 3), np.uint8), mean, std)
+  _resample(interpolation)  # a known name
+  _check_mean_std(mean, std)
   process_index, process_count = _processes(process_index, process_count)
   local = _local_batch(global_batch_size, process_count)
   builder, info = _load(dataset, data_dir, image_key, label_key)
