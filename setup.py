@@ -20,6 +20,7 @@ import os
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
+from setuptools.dist import Distribution
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,11 +34,24 @@ def _kernel_builder():
   return module
 
 
+# Configs the wheel carries as ghostnet_jax/configs/*.py (the installed
+# train command's default); the others import their siblings as ``configs.*``
+# and are used from a source checkout.
+PACKAGED_CONFIGS = ('default.py',)
+
+
 class BuildPyWithKernels(build_py):
-  """``build_py`` that also compiles the depthwise kernels into the package."""
+  """``build_py`` that also compiles the depthwise kernels into the package
+  and copies the default training config into it."""
 
   def run(self):
     super().run()
+    if not getattr(self, 'editable_mode', False):
+      configs = os.path.join(self.build_lib, 'ghostnet_jax', 'configs')
+      os.makedirs(configs, exist_ok=True)
+      for name in PACKAGED_CONFIGS:
+        self.copy_file(os.path.join(HERE, 'configs', name),
+                       os.path.join(configs, name))
     builder = _kernel_builder()
     if getattr(self, 'editable_mode', False):
       out_dir = os.path.join(HERE, 'ghostnet_jax', 'kernels')
@@ -54,4 +68,11 @@ class BuildPyWithKernels(build_py):
             '`python -m ghostnet_jax.kernels.build`.')
 
 
-setup(cmdclass={'build_py': BuildPyWithKernels})
+class NativeDistribution(Distribution):
+  """The wheel may carry the compiled kernels: tag it for the platform."""
+
+  def has_ext_modules(self):
+    return True
+
+
+setup(cmdclass={'build_py': BuildPyWithKernels}, distclass=NativeDistribution)
