@@ -144,3 +144,26 @@ def test_wheel_installs_and_runs_in_a_clean_venv(wheel, tmp_path):
   out = run('-m', 'ghostnet_jax.eval_cli', '--checkpoint', 'w',
             '--no_progress')
   assert out.returncode == 0 and 'top-1' in out.stdout, out.stderr[-3000:]
+
+
+def test_readme_layout_lists_every_module_and_only_existing_ones():
+  import re  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(ROOT, 'README.md')) as f:
+    text = f.read()
+  section = text[text.index('## Repository layout'):]
+  block = section[section.index('```\n') + 4:]
+  block = block[:block.index('```')]
+  named = set()
+  for line in block.splitlines():
+    head = re.split(r'\s{2,}', line.strip())[0]  # the names, not the note
+    named.update(n for n in head.split(', ') if n.endswith(('.py', '/')))
+  modules = {f for f in os.listdir(PACKAGE) if f.endswith('.py')
+             and f != '__init__.py'}
+  for module in modules:
+    assert module in named, f'README layout lacks ghostnet_jax/{module}'
+  for name in named:
+    top_level = ('ghostnet_jax/', 'configs/', 'benchmarks/', 'tests/',
+                 'train.py', 'eval.py')
+    path = name if name in top_level else os.path.join('ghostnet_jax', name)
+    assert os.path.exists(os.path.join(ROOT, path)), (
+        f'README layout names {name}, which is not in the tree')
