@@ -219,10 +219,8 @@ class Config:
 
 def init_variables(model: Segmenter, config: Config) -> dict:
   """Random variables; the backbone's from a checkpoint when one is given."""
-  x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
-  variables = jax.jit(functools.partial(model.init, train=False))(
-      jax.random.key(config.seed), x)
-  variables = jax.tree_util.tree_map(lambda a: a, dict(variables))
+  variables = ghostnet_jax.init_variables(model, config.seed,
+                                         image_size=config.image_size)
   if config.torch_checkpoint:
     from ghostnet_jax import convert  # pylint: disable=g-import-not-at-top
     source = convert.load_torch_checkpoint(config.torch_checkpoint,
