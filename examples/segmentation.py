@@ -207,11 +207,11 @@ class Config:
   output_stride: int = 16
   image_size: int = 64
   batch_size: int = 32
-  steps: int = 600
+  steps: int = 1200
   learning_rate: float = 3e-3
   warmup_steps: int = 30
   weight_decay: float = 1e-4
-  eval_every: int = 100
+  eval_every: int = 200
   test_scenes: int = 256
   seed: int = 0
   torch_checkpoint: str | None = None
