@@ -57,3 +57,30 @@ def test_tiny_training_run(seg):
   assert all(0.0 <= h['test_miou'] <= 1.0 for h in history)
   assert history[2]['loss'] < history[1]['loss']
   assert all(math.isfinite(h['loss']) for h in history[1:])
+
+
+def test_backbone_starts_from_a_torch_checkpoint(seg, timm, tmp_path):
+  """--torch-checkpoint: the converted weights land in params['backbone']
+  (only the layers the backbone has); the head keeps its initialisation."""
+  import jax
+  import torch
+  from ghostnet_jax import convert
+  from torch_reference import randomize_torch_model
+  tmodel = timm.create_model('ghostnet_050', pretrained=False).eval()
+  randomize_torch_model(tmodel, seed=3)
+  path = tmp_path / 'ghostnet_050.pth'
+  torch.save(tmodel.state_dict(), path)
+  config = seg.Config(image_size=32, torch_checkpoint=str(path))
+  backbone, _ = seg.make_backbone(config.backbone, config.output_stride)
+  variables = seg.init_variables(seg.Segmenter(backbone), config)
+  source = convert.load_torch_checkpoint(str(path), 'ghostnet_050')
+  got = variables['params']['backbone']
+  assert 'blocks_8_0' not in got and 'classifier' not in got
+  assert 'head' in variables['params']
+  for key in ('conv_stem', 'blocks_7_0'):
+    same = jax.tree_util.tree_map(lambda a, b: bool((a == b).all()),
+                                  got[key], source['params'][key])
+    assert all(jax.tree_util.tree_leaves(same)), key
+  np.testing.assert_array_equal(
+      variables['batch_stats']['backbone']['bn1']['var'],
+      source['batch_stats']['bn1']['var'])
