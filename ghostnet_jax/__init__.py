@@ -7,6 +7,7 @@ from ghostnet_jax import ghostnet  # noqa: F401
 from ghostnet_jax import ghostnetv2  # noqa: F401
 from ghostnet_jax import ghostnetv3  # noqa: F401
 from ghostnet_jax.class_names import imagenet_classes, imagenet_synsets
+from ghostnet_jax.features import feature_info, transfer_variables
 from ghostnet_jax.g_ghost import GGhostStage
 from ghostnet_jax.ghost_layers import GhostConv
 from ghostnet_jax.ghostnetv3 import reparameterize
@@ -20,7 +21,7 @@ __version__ = '0.1.0'
 
 __all__ = [
     'GGhostStage', 'GhostConv', 'count_macs', 'count_params', 'create_model',
-    'extract_features', 'get_eval_config', 'imagenet_classes',
+    'extract_features', 'feature_info', 'get_eval_config', 'imagenet_classes',
     'imagenet_synsets', 'init_variables', 'list_models', 'make_divisible',
-    'register_model', 'reparameterize',
+    'register_model', 'reparameterize', 'transfer_variables',
 ]

@@ -36,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ghostnet_jax.features import (FeatureLevel, FeatureTaps, StrideSchedule,
+                                   check_output_stride, resolve_out_indices)
 from ghostnet_jax.layers import (BatchNorm, Conv2d, Linear, ModuleDef,
                                  check_images, he_normal_fan_out, sow_feature)
 from ghostnet_jax.registry import register_model
@@ -239,12 +241,17 @@ class Bottleneck(nn.Module):
     strides: stride of the 3x3 convolution and the shortcut.
     group_width: channels per group of the 3x3 convolution.
     conv, norm: layer factories.
+    dilation: dilation of the 3x3 convolution (output stride 16 / 8).
+    dilate_stride: compute the block at stride 1 (the parameters, the
+      projection shortcut included, stay those of the strided block).
   """
   features: int
   strides: int = 1
   group_width: int = 1
   conv: ModuleDef = Conv2d
   norm: ModuleDef = BatchNorm
+  dilation: int = 1
+  dilate_stride: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -255,13 +262,14 @@ class Bottleneck(nn.Module):
     groups = w // min(w, self.group_width)
     y = self.conv(w, 1, name='conv1')(x)
     y = nn.relu(self.norm(name='bn1')(y, train))
-    y = self.conv(w, 3, strides=self.strides, groups=groups, name='conv2')(y)
+    stride = 1 if self.dilate_stride else self.strides
+    y = self.conv(w, 3, strides=stride, groups=groups, dilation=self.dilation,
+                  name='conv2')(y)
     y = nn.relu(self.norm(name='bn2')(y, train))
     y = self.conv(w, 1, name='conv3')(y)
     y = self.norm(name='bn3')(y, train)
     if self.strides != 1 or x.shape[-1] != w:
-      shortcut = self.conv(w, 1, strides=self.strides,
-                           name='downsample_0')(x)
+      shortcut = self.conv(w, 1, strides=stride, name='downsample_0')(x)
       shortcut = self.norm(name='downsample_1')(shortcut, train)
     else:
       shortcut = x
@@ -297,6 +305,13 @@ class GGhostRegNet(nn.Module):
     conv_impl: convolution lowering (``'auto'``, ``'lax'``, ``'xla'``,
       ``'ffi'``; see :mod:`ghostnet_jax.ops`).
     bn_batch_groups: BatchNorm groups in training (1 = global statistics).
+    features_only: return the list of feature maps of ``out_indices``:
+      levels ``relu`` (the stem, /2) and ``layer1`` ... ``layer4`` (/4 ...
+      /32), stopping after the deepest.
+    out_indices: feature levels to return (``None``: all five).
+    output_stride: 32, 16 or 8. A dilated stage runs its first block at
+      stride 1 and dilates the 3x3 convolutions after it; the G-Ghost cheap
+      path (1x1) and the mix's global pooling need no change.
   """
   depths: Sequence[int]
   widths: Sequence[int]
@@ -308,6 +323,23 @@ class GGhostRegNet(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = 'auto'
   bn_batch_groups: int = 1
+  features_only: bool = False
+  out_indices: Sequence[int] | None = None
+  output_stride: int = 32
+
+  def feature_levels(self, selected: bool = False) -> list[FeatureLevel]:
+    """The feature levels (all, or those of ``out_indices``), no computing."""
+    check_output_stride(self.output_stride, type(self).__name__)
+    levels = [FeatureLevel(STEM_FEATURES, 2, 'relu')]
+    schedule = StrideSchedule(self.output_stride, reduction=2)
+    for i, width in enumerate(self.widths):
+      schedule.step(2)
+      levels.append(FeatureLevel(width, schedule.reduction, f'layer{i + 1}'))
+    if selected:
+      idx = resolve_out_indices(self.out_indices, len(levels),
+                                type(self).__name__)
+      levels = [levels[i] for i in idx]
+    return levels
 
   def layer_factories(self) -> tuple[ModuleDef, ModuleDef]:
     conv = functools.partial(Conv2d, dtype=self.dtype, impl=self.conv_impl,
@@ -350,30 +382,50 @@ class GGhostRegNet(nn.Module):
           f'Training needs at least 2 images per BatchNorm group (batch '
           f'{x.shape[0]}, bn_batch_groups={self.bn_batch_groups}): the '
           'G-Ghost merge normalises one pooled vector per image.')
+    taps = None
+    if self.features_only:
+      taps = FeatureTaps(resolve_out_indices(
+          self.out_indices, len(self.feature_levels()), type(self).__name__))
+    else:
+      check_output_stride(self.output_stride, type(self).__name__)
     conv, norm = self.layer_factories()
-    block = functools.partial(Bottleneck, group_width=self.group_width,
-                              conv=conv, norm=norm)
 
     x = conv(STEM_FEATURES, 3, strides=2, name='conv1')(x)
     x = nn.relu(norm(name='bn1')(x, train))
     sow_feature(self, 'stride_2', x)
+    if taps is not None and taps.add(0, x):
+      return taps.maps
 
-    stride = 2
+    schedule = StrideSchedule(self.output_stride, reduction=2)
     for i, (depth, width) in enumerate(zip(self.depths, self.widths)):
+      eff, dil_in, dil_out = schedule.step(2)
+      first = functools.partial(Bottleneck, group_width=self.group_width,
+                                conv=conv, norm=norm, dilation=dil_in,
+                                dilate_stride=eff == 1)
+      rest = functools.partial(Bottleneck, group_width=self.group_width,
+                               conv=conv, norm=norm, dilation=dil_out)
       if self.is_ghost_stage(i):
         inner = functools.partial(Bottleneck,
                                   group_width=self.inner_group_width,
-                                  conv=conv, norm=norm)
+                                  conv=conv, norm=norm, dilation=dil_out)
+
+        def block(features, strides, name, first=first, rest=rest):
+          # GGhostStage builds `base` (the strided block) and `end`.
+          make = first if name == 'base' else rest
+          return make(features=features, strides=strides, name=name)
+
         x = GGhostStage(block=block, features=width, num_blocks=depth,
                         strides=2, cheap_ratio=self.cheap_ratio,
                         inner_block=inner, raw_divisor=self.inner_group_width,
                         conv=conv, norm=norm, name=f'layer{i + 1}')(x, train)
       else:
         for j in range(depth):
-          x = block(features=width, strides=2 if j == 0 else 1,
-                    name=f'layer{i + 1}_{j}')(x, train)
-      stride *= 2
-      sow_feature(self, f'stride_{stride}', x)
+          make = first if j == 0 else rest
+          x = make(features=width, strides=2 if j == 0 else 1,
+                   name=f'layer{i + 1}_{j}')(x, train)
+      sow_feature(self, f'stride_{schedule.reduction}', x)
+      if taps is not None and taps.add(i + 1, x):
+        return taps.maps
 
     x = x.astype(jnp.float32).mean((1, 2))
     sow_feature(self, 'pre_logits', x)

@@ -95,6 +95,8 @@ import jax
 import jax.numpy as jnp
 
 from ghostnet_jax.ghost_layers import GhostConv
+from ghostnet_jax.features import (FeatureLevel, FeatureTaps, StrideSchedule,
+                                   check_output_stride, resolve_out_indices)
 from ghostnet_jax.ghostnet import GhostModule
 from ghostnet_jax.layers import (BatchNorm, Conv2d, Linear, ModuleDef,
                                  check_images, sow_feature)
@@ -125,6 +127,11 @@ class GhostResNetBottleneck(nn.Module):
     ratio: Ghost ratio ``s``.
     dw_size: cheap depthwise kernel ``d``.
     conv, norm: layer factories.
+    dilation: dilation before the stride point (``conv1``, the 3x3 primary
+      conv of ``conv2``).
+    dilate_stride: the stride becomes 1 and the layers after it (the cheap
+      ops of ``conv2`` and ``downsample_0``, ``conv3``) dilate by
+      ``dilation * strides``; parameters unchanged.
   """
   planes: int
   strides: int = 1
@@ -132,6 +139,8 @@ class GhostResNetBottleneck(nn.Module):
   dw_size: int = 3
   conv: ModuleDef = Conv2d
   norm: ModuleDef = BatchNorm
+  dilation: int = 1
+  dilate_stride: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -139,13 +148,17 @@ class GhostResNetBottleneck(nn.Module):
     ghost = functools.partial(GhostModule, ratio=self.ratio,
                               dw_size=self.dw_size, conv=self.conv,
                               norm=self.norm)
-    y = ghost(self.planes, relu=True, name='conv1')(x, train)
-    y = ghost(self.planes, relu=True, kernel_size=3, strides=self.strides,
-              name='conv2')(y, train)
-    y = ghost(out_features, relu=False, name='conv3')(y, train)
+    d_in = self.dilation
+    stride, d_out = self.strides, self.dilation
+    if self.dilate_stride:
+      stride, d_out = 1, self.dilation * self.strides
+    y = ghost(self.planes, relu=True, dilation=d_in, name='conv1')(x, train)
+    y = ghost(self.planes, relu=True, kernel_size=3, strides=stride,
+              dilation=d_in, cheap_dilation=d_out, name='conv2')(y, train)
+    y = ghost(out_features, relu=False, dilation=d_out, name='conv3')(y, train)
     if self.strides != 1 or x.shape[-1] != out_features:
-      shortcut = ghost(out_features, relu=False, strides=self.strides,
-                       name='downsample_0')(x, train)
+      shortcut = ghost(out_features, relu=False, strides=stride,
+                       cheap_dilation=d_out, name='downsample_0')(x, train)
     else:
       shortcut = x
     return nn.relu(y + shortcut)
@@ -174,6 +187,12 @@ class GhostResNet(nn.Module):
     dtype: computation dtype; parameters stay float32.
     conv_impl: convolution lowering (see :mod:`ghostnet_jax.ops`).
     bn_batch_groups: BatchNorm groups in training (1 = global statistics).
+    features_only: return the list of feature maps of ``out_indices``:
+      levels ``relu`` (the stem before max-pooling, 64 channels, /2) and
+      ``layer1`` ... ``layer4`` (256 ... 2048 channels, /4 ... /32),
+      stopping after the deepest.
+    out_indices: feature levels to return (``None``: all five).
+    output_stride: 32, 16 or 8 (strides past it become dilation).
   """
   ratio: int = 2
   dw_size: int = 3
@@ -185,6 +204,24 @@ class GhostResNet(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = 'auto'
   bn_batch_groups: int = 1
+  features_only: bool = False
+  out_indices: Sequence[int] | None = None
+  output_stride: int = 32
+
+  def feature_levels(self, selected: bool = False) -> list[FeatureLevel]:
+    """The feature levels (all, or those of ``out_indices``), no computing."""
+    check_output_stride(self.output_stride, type(self).__name__)
+    levels = [FeatureLevel(STEM_CHANNELS, 2, 'relu')]
+    schedule = StrideSchedule(self.output_stride, reduction=4)
+    for i, planes in enumerate(STAGE_PLANES):
+      schedule.step(2 if i > 0 else 1)
+      levels.append(FeatureLevel(planes * EXPANSION, schedule.reduction,
+                                 f'layer{i + 1}'))
+    if selected:
+      idx = resolve_out_indices(self.out_indices, len(levels),
+                                type(self).__name__)
+      levels = [levels[i] for i in idx]
+    return levels
 
   def layer_factories(self) -> tuple[ModuleDef, ModuleDef]:
     # torchvision's ResNet initialisation: kaiming_normal_(mode='fan_out',
@@ -205,22 +242,34 @@ class GhostResNet(nn.Module):
     if self.ghost_classifier and self.num_classes == 1 and self.ratio > 1:
       raise ValueError('A Ghost classifier needs num_classes >= 2; use '
                        'ghost_classifier=False for a single output.')
+    taps = None
+    if self.features_only:
+      taps = FeatureTaps(resolve_out_indices(
+          self.out_indices, len(self.feature_levels()), type(self).__name__))
+    else:
+      check_output_stride(self.output_stride, type(self).__name__)
     conv, norm = self.layer_factories()
 
     x = conv(STEM_CHANNELS, 7, strides=2, name='conv1')(x)
     x = nn.relu(norm(name='bn1')(x, train))
     sow_feature(self, 'stride_2', x)
+    if taps is not None and taps.add(0, x):
+      return taps.maps
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
-    stride = 4
+    schedule = StrideSchedule(self.output_stride, reduction=4)
     for i, (planes, blocks) in enumerate(zip(STAGE_PLANES, self.layers)):
+      eff, dil_in, dil_out = schedule.step(2 if i > 0 else 1)
       for j in range(blocks):
         s = 2 if i > 0 and j == 0 else 1
         x = GhostResNetBottleneck(planes, strides=s, ratio=self.ratio,
                                   dw_size=self.dw_size, conv=conv, norm=norm,
+                                  dilation=dil_in if j == 0 else dil_out,
+                                  dilate_stride=(j == 0 and eff != s),
                                   name=f'layer{i + 1}_{j}')(x, train)
-      sow_feature(self, f'stride_{stride}', x)
-      stride *= 2
+      sow_feature(self, f'stride_{schedule.reduction}', x)
+      if taps is not None and taps.add(i + 1, x):
+        return taps.maps
 
     x = x.astype(jnp.float32).mean((1, 2))
     sow_feature(self, 'pre_logits', x)

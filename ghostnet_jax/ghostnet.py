@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ghostnet_jax.features import (FeatureLevel, FeatureTaps, StrideSchedule,
+                                   check_output_stride, resolve_out_indices)
 from ghostnet_jax.layers import (BatchNorm, Conv2d, ConvBnAct, Linear,
                                  ModuleDef, SqueezeExcite, check_ghost_args,
                                  check_images, make_divisible, sow_feature)
@@ -79,6 +81,8 @@ class GhostModule(nn.Module):
     padding: padding of the primary convolution in ``Conv2d``'s format;
       ``None`` is PyTorch's symmetric ``k // 2``. The cheap op always keeps
       the size.
+    dilation: dilation of the primary convolution (output stride 16 / 8).
+    cheap_dilation: dilation of the cheap op; ``None`` is ``dilation``.
   """
   out_features: int
   ratio: int = 2
@@ -89,6 +93,12 @@ class GhostModule(nn.Module):
   kernel_size: int | tuple[int, int] = 1
   strides: int | tuple[int, int] = 1
   padding: Any = None
+  dilation: int = 1
+  cheap_dilation: int | None = None
+
+  @property
+  def cheap_op_dilation(self) -> int:
+    return self.dilation if self.cheap_dilation is None else self.cheap_dilation
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -99,11 +109,13 @@ class GhostModule(nn.Module):
 
     padding = {} if self.padding is None else {'padding': self.padding}
     primary = self.conv(init_channels, self.kernel_size, strides=self.strides,
-                        name='primary_conv_0', **padding)(x)
+                        dilation=self.dilation, name='primary_conv_0',
+                        **padding)(x)
     primary = act(self.norm(name='primary_conv_1')(primary, train))
     if new_channels == 0:
       return primary
     cheap = self.conv(new_channels, self.dw_size, groups=init_channels,
+                      dilation=self.cheap_op_dilation,
                       name='cheap_operation_0')(primary)
     cheap = act(self.norm(name='cheap_operation_1')(cheap, train))
     out = jnp.concatenate([primary, cheap], axis=-1)
@@ -135,6 +147,11 @@ class GhostBottleneck(nn.Module):
     ghost2: factory of the projection module (``GhostModule``; GhostNetV3
       passes its re-parameterisable module here).
     conv, norm: layer factories.
+    dilation: dilation of the spatial kernels before the stride point
+      (``ghost1``, ``conv_dw``, ``shortcut_0``).
+    dilate_stride: the stride becomes 1 and the layers after it (``ghost2``)
+      dilate by ``dilation * stride`` (output stride 16 / 8). The block keeps
+      its parameters (``conv_dw``, projection shortcut).
 
   Subclasses change the strided depthwise convolution by overriding
   :meth:`strided_depthwise`.
@@ -148,13 +165,24 @@ class GhostBottleneck(nn.Module):
   ghost2: ModuleDef = GhostModule
   conv: ModuleDef = Conv2d
   norm: ModuleDef = BatchNorm
+  dilation: int = 1
+  dilate_stride: bool = False
+
+  @property
+  def effective_stride(self) -> int:
+    return 1 if self.dilate_stride else self.stride
+
+  @property
+  def dilation_out(self) -> int:
+    return self.dilation * self.stride if self.dilate_stride else self.dilation
 
   def strided_depthwise(self, y: jax.Array, train: bool) -> jax.Array:
     """``conv_dw`` -> ``bn_dw``: ``(N, H, W, mid) -> (N, Ho, Wo, mid)``.
 
     Called from ``__call__`` (inside its compact scope) when stride > 1.
     """
-    y = self.conv(self.mid_features, self.dw_kernel_size, strides=self.stride,
+    y = self.conv(self.mid_features, self.dw_kernel_size,
+                  strides=self.effective_stride, dilation=self.dilation,
                   groups=self.mid_features, name='conv_dw')(y)
     return self.norm(name='bn_dw')(y, train)
 
@@ -164,19 +192,22 @@ class GhostBottleneck(nn.Module):
     k, s = self.dw_kernel_size, self.stride
 
     y = self.ghost1(self.mid_features, relu=True, conv=self.conv,
-                    norm=self.norm, name='ghost1')(x, train)
+                    norm=self.norm, dilation=self.dilation,
+                    name='ghost1')(x, train)
     if s > 1:
       y = self.strided_depthwise(y, train)
     if self.se_ratio > 0:
       rd = make_divisible(self.mid_features * self.se_ratio, 4)
       y = SqueezeExcite(rd, conv=self.conv, name='se')(y)
     y = self.ghost2(self.out_features, relu=False, conv=self.conv,
-                    norm=self.norm, name='ghost2')(y, train)
+                    norm=self.norm, dilation=self.dilation_out,
+                    name='ghost2')(y, train)
 
     if in_features == self.out_features and s == 1:
       shortcut = x
     else:
-      shortcut = self.conv(in_features, k, strides=s, groups=in_features,
+      shortcut = self.conv(in_features, k, strides=self.effective_stride,
+                           dilation=self.dilation, groups=in_features,
                            name='shortcut_0')(x)
       shortcut = self.norm(name='shortcut_1')(shortcut, train)
       shortcut = self.conv(self.out_features, 1, name='shortcut_2')(shortcut)
@@ -196,6 +227,11 @@ class GhostNet(nn.Module):
   recorded as ``stride_2`` ... ``stride_32``, ``pre_logits`` in the
   ``'intermediates'`` collection; see :func:`ghostnet_jax.extract_features`.
 
+  Backbone (:mod:`ghostnet_jax.features`): ``features_only=True`` returns the
+  maps of timm's levels ``conv_stem`` (before ``bn1``, /2), ``blocks.1``
+  (/4), ``blocks.3`` (/8), ``blocks.5`` (/16), ``blocks.7`` (/32): the output
+  of every stage that ends with a stride, as timm's ``features_only``.
+
   Attributes:
     width: channel multiplier (0.5, 1.0, 1.3, ...); rounded with divisor 4.
     num_classes: classifier outputs; 0 drops the classifier.
@@ -206,6 +242,9 @@ class GhostNet(nn.Module):
     conv_impl: convolution lowering (``'auto'``, ``'lax'``, ``'xla'``,
       ``'ffi'``; see :mod:`ghostnet_jax.ops`).
     bn_batch_groups: BatchNorm groups in training (1 = global statistics).
+    features_only: return the list of feature maps of ``out_indices``.
+    out_indices: feature levels to return (``None``: all five).
+    output_stride: 32, 16 or 8 (strides past it become dilation).
   """
   width: float = 1.0
   num_classes: int = 1000
@@ -215,6 +254,28 @@ class GhostNet(nn.Module):
   dtype: Any = jnp.float32
   conv_impl: str = 'auto'
   bn_batch_groups: int = 1
+  features_only: bool = False
+  out_indices: Sequence[int] | None = None
+  output_stride: int = 32
+
+  def feature_levels(self, selected: bool = False) -> list[FeatureLevel]:
+    """The feature levels (all, or those of ``out_indices``), no computing."""
+    w = self.width
+    check_output_stride(self.output_stride, type(self).__name__)
+    levels = [FeatureLevel(make_divisible(STEM_CHANNELS * w, 4), 2,
+                           'conv_stem')]
+    schedule = StrideSchedule(self.output_stride, reduction=2)
+    for i, stage in enumerate(self.blocks):
+      for block in stage:
+        schedule.step(block[4])
+      if stage[-1][4] > 1:
+        levels.append(FeatureLevel(make_divisible(stage[-1][2] * w, 4),
+                                   schedule.reduction, f'blocks.{i}'))
+    if selected:
+      idx = resolve_out_indices(self.out_indices, len(levels),
+                                type(self).__name__)
+      levels = [levels[i] for i in idx]
+    return levels
 
   def layer_factories(self) -> tuple[ModuleDef, ModuleDef]:
     conv = functools.partial(Conv2d, dtype=self.dtype, impl=self.conv_impl)
@@ -223,36 +284,54 @@ class GhostNet(nn.Module):
     return conv, norm
 
   def make_block(self, layer_id: int, mid: int, out: int, k: int, stride: int,
-                 se_ratio: float, name: str) -> nn.Module:
-    """Builds block number ``layer_id`` (0-based over the whole network)."""
+                 se_ratio: float, name: str, **dilation) -> nn.Module:
+    """Builds block number ``layer_id`` (0-based over the whole network).
+
+    ``dilation``: ``dilation`` and ``dilate_stride`` of the block.
+    """
     del layer_id  # GhostNet v1 uses the same block everywhere.
     conv, norm = self.layer_factories()
     return GhostBottleneck(mid, out, dw_kernel_size=k, stride=stride,
-                           se_ratio=se_ratio, conv=conv, norm=norm, name=name)
+                           se_ratio=se_ratio, conv=conv, norm=norm, name=name,
+                           **dilation)
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     check_images(x, self.in_chans, model=type(self).__name__)
+    taps = None
+    if self.features_only:
+      taps = FeatureTaps(resolve_out_indices(
+          self.out_indices, len(self.feature_levels()), type(self).__name__))
+    else:
+      check_output_stride(self.output_stride, type(self).__name__)
     conv, norm = self.layer_factories()
     w = self.width
 
     x = conv(make_divisible(STEM_CHANNELS * w, 4), 3, strides=2,
              name='conv_stem')(x)
+    if taps is not None and taps.add(0, x):
+      return taps.maps
     x = nn.relu(norm(name='bn1')(x, train))
 
-    stride, layer_id = 2, 0
+    schedule = StrideSchedule(self.output_stride, reduction=2)
+    layer_id, level = 0, 0
     for i, stage in enumerate(self.blocks):
       for j, (k, exp, c, se_ratio, s) in enumerate(stage):
         if s > 1:
-          sow_feature(self, f'stride_{stride}', x)
-          stride *= s
+          sow_feature(self, f'stride_{schedule.reduction}', x)
+        eff, dil_in, _ = schedule.step(s)
         x = self.make_block(layer_id, make_divisible(exp * w, 4),
                             make_divisible(c * w, 4), k, s, se_ratio,
-                            name=f'blocks_{i}_{j}')(x, train)
+                            name=f'blocks_{i}_{j}', dilation=dil_in,
+                            dilate_stride=eff != s)(x, train)
         layer_id += 1
+      if stage[-1][4] > 1:
+        level += 1
+        if taps is not None and taps.add(level, x):
+          return taps.maps
     x = ConvBnAct(make_divisible(LAST_CHANNELS * w, 4), conv=conv, norm=norm,
                   name=f'blocks_{len(self.blocks)}_0')(x, train)
-    sow_feature(self, f'stride_{stride}', x)
+    sow_feature(self, f'stride_{schedule.reduction}', x)
 
     x = x.astype(jnp.float32).mean((1, 2), keepdims=True)
     x = conv(HEAD_CHANNELS, 1, use_bias=True, name='conv_head')(x)

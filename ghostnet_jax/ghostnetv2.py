@@ -91,10 +91,16 @@ class DFCAttention(nn.Module):
   Attributes:
     features: gate channels (the Ghost module's output channels).
     conv, norm: layer factories.
+    dilation: dilation of the 1x5 and 5x1 convolutions (output stride
+      16 / 8). The gate is still computed on the 2x2-pooled map and
+      upsampled; dilating its two long kernels by the stride the network
+      dropped keeps their reach in image pixels what it is at output
+      stride 32 (a tap every 64 px in the last stage).
   """
   features: int
   conv: ModuleDef = Conv2d
   norm: ModuleDef = BatchNorm
+  dilation: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -108,20 +114,21 @@ class DFCAttention(nn.Module):
     g = avg_pool_2x2(x)
     g = self.conv(c, 1, name='short_conv_0')(g)
     g = self.norm(name='short_conv_1')(g, train)
-    g = self.conv(c, (1, 5), groups=c, name='short_conv_2')(g)
+    d = self.dilation
+    g = self.conv(c, (1, 5), groups=c, dilation=d, name='short_conv_2')(g)
     g = self.norm(name='short_conv_3')(g, train)
-    g = self.conv(c, (5, 1), groups=c, name='short_conv_4')(g)
+    g = self.conv(c, (5, 1), groups=c, dilation=d, name='short_conv_4')(g)
     g = self.norm(name='short_conv_5')(g, train)
     return nearest_upsample(jax.nn.sigmoid(g), (h, w))
 
 
 def dfc_gate(parent: nn.Module, x: jax.Array, features: int, conv: ModuleDef,
-             norm: ModuleDef, train: bool) -> jax.Array:
+             norm: ModuleDef, train: bool, dilation: int = 1) -> jax.Array:
   """Runs :class:`DFCAttention` in ``parent``'s scope (flat parameter names).
 
   Call from inside ``parent``'s compact method.
   """
-  attention = DFCAttention(features, conv=conv, norm=norm)
+  attention = DFCAttention(features, conv=conv, norm=norm, dilation=dilation)
   nn.share_scope(parent, attention)
   return attention(x, train)
 
@@ -139,7 +146,8 @@ class GhostModuleV2(GhostModule):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    gate = dfc_gate(self, x, self.out_features, self.conv, self.norm, train)
+    gate = dfc_gate(self, x, self.out_features, self.conv, self.norm, train,
+                    self.dilation)
     out = super().__call__(x, train)
     return out * gate.astype(out.dtype)
 
@@ -154,12 +162,12 @@ class GhostNetV2(GhostNet):
   """
 
   def make_block(self, layer_id: int, mid: int, out: int, k: int, stride: int,
-                 se_ratio: float, name: str) -> nn.Module:
+                 se_ratio: float, name: str, **dilation) -> nn.Module:
     conv, norm = self.layer_factories()
     ghost1 = GhostModuleV2 if layer_id >= FIRST_ATTENTION_LAYER else GhostModule
     return GhostBottleneck(mid, out, dw_kernel_size=k, stride=stride,
                            se_ratio=se_ratio, ghost1=ghost1, conv=conv,
-                           norm=norm, name=name)
+                           norm=norm, name=name, **dilation)
 
 
 def _register_width(name: str, width: float, paper_top1: float,

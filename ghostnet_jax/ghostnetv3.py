@@ -90,6 +90,7 @@ class ConvBn(nn.Module):
     strides: convolution stride.
     groups: feature groups (``Cin`` for depthwise).
     conv, norm: layer factories.
+    dilation: kernel dilation (output stride 16 / 8).
   """
   features: int
   kernel_size: int = 1
@@ -97,11 +98,12 @@ class ConvBn(nn.Module):
   groups: int = 1
   conv: ModuleDef = Conv2d
   norm: ModuleDef = BatchNorm
+  dilation: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     x = self.conv(self.features, self.kernel_size, strides=self.strides,
-                  groups=self.groups, name='conv')(x)
+                  groups=self.groups, dilation=self.dilation, name='conv')(x)
     return self.norm(name='bn')(x, train)
 
 
@@ -130,6 +132,8 @@ class GhostModuleV3(nn.Module):
     deploy: the fused single-convolution form.
     num_branches: conv-BN branches of each sum besides the scale and skip
       ones (3 in the official code).
+    dilation: dilation of the cheap depthwise convolutions and of the DFC
+      attention (output stride 16 / 8); the primary convolution is 1x1.
 
   The identity branch ``primary_rpr_skip`` exists, as in the official code,
   only when the input has ``ceil(out_features / ratio)`` channels; timm never
@@ -144,6 +148,7 @@ class GhostModuleV3(nn.Module):
   attention: bool = False
   deploy: bool = False
   num_branches: int = NUM_BRANCHES
+  dilation: int = 1
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -152,7 +157,8 @@ class GhostModuleV3(nn.Module):
     act = nn.relu if self.relu else (lambda y: y)
     gate = None
     if self.attention:
-      gate = dfc_gate(self, x, self.out_features, self.conv, self.norm, train)
+      gate = dfc_gate(self, x, self.out_features, self.conv, self.norm, train,
+                      self.dilation)
 
     if self.deploy:
       p = self.conv(init, 1, use_bias=True, name='primary_conv_0')(x)
@@ -167,10 +173,11 @@ class GhostModuleV3(nn.Module):
 
     if self.deploy:
       c = self.conv(new, self.dw_size, groups=init, use_bias=True,
-                    name='cheap_operation_0')(p)
+                    dilation=self.dilation, name='cheap_operation_0')(p)
     else:
       branches = [ConvBn(new, self.dw_size, groups=init, conv=self.conv,
-                         norm=self.norm, name=f'cheap_rpr_conv_{i}')(p, train)
+                         norm=self.norm, dilation=self.dilation,
+                         name=f'cheap_rpr_conv_{i}')(p, train)
                   for i in range(self.num_branches)]
       if self.dw_size > 1:
         scale = ConvBn(new, 1, groups=init, conv=self.conv, norm=self.norm,
@@ -212,12 +219,14 @@ class GhostBottleneckV3(GhostBottleneck):
   num_branches: int = NUM_BRANCHES
 
   def strided_depthwise(self, y: jax.Array, train: bool) -> jax.Array:
-    mid, k, s = self.mid_features, self.dw_kernel_size, self.stride
+    mid, k, s = self.mid_features, self.dw_kernel_size, self.effective_stride
+    d = self.dilation
     if self.deploy:
       return self.conv(mid, k, strides=s, groups=mid, use_bias=True,
-                       name='conv_dw')(y)
+                       dilation=d, name='conv_dw')(y)
     branches = [ConvBn(mid, k, strides=s, groups=mid, conv=self.conv,
-                       norm=self.norm, name=f'dw_rpr_conv_{i}')(y, train)
+                       norm=self.norm, dilation=d,
+                       name=f'dw_rpr_conv_{i}')(y, train)
                 for i in range(self.num_branches)]
     if k > 1:
       branches.append(ConvBn(mid, 1, strides=s, groups=mid, conv=self.conv,
@@ -242,7 +251,7 @@ class GhostNetV3(GhostNet):
   deploy: bool = False
 
   def make_block(self, layer_id: int, mid: int, out: int, k: int, stride: int,
-                 se_ratio: float, name: str) -> nn.Module:
+                 se_ratio: float, name: str, **dilation) -> nn.Module:
     conv, norm = self.layer_factories()
     ghost = functools.partial(GhostModuleV3, deploy=self.deploy)
     ghost1 = functools.partial(
@@ -250,7 +259,7 @@ class GhostNetV3(GhostNet):
     return GhostBottleneckV3(mid, out, dw_kernel_size=k, stride=stride,
                              se_ratio=se_ratio, ghost1=ghost1, ghost2=ghost,
                              deploy=self.deploy, conv=conv, norm=norm,
-                             name=name)
+                             name=name, **dilation)
 
 
 # ---------------------------------------------------------- re-parameterise

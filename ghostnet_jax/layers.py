@@ -81,14 +81,17 @@ class Conv2d(nn.Module):
     features: output channels.
     kernel_size: int or ``(kh, kw)``.
     strides: int or ``(sh, sw)``.
-    padding: ``None`` for symmetric ``k // 2``; an int for the same padding on
-      all sides; or ``((top, bottom), (left, right))``.
+    padding: ``None`` for symmetric ``dilation * (k - 1) // 2`` (``k // 2``
+      undilated); an int for the same padding on all sides; or
+      ``((top, bottom), (left, right))``.
     groups: feature groups; ``groups == Cin == features`` is depthwise.
     use_bias: add a learned bias.
     dtype: computation dtype.
     param_dtype: parameter dtype.
     impl: ``'auto'``, ``'lax'``, ``'xla'`` or ``'ffi'``.
     kernel_init: initializer for the kernel.
+    dilation: int or ``(dh, dw)``, spacing of the kernel taps (atrous
+      convolution, for output stride 16 / 8); no effect on parameters.
   """
   features: int
   kernel_size: int | tuple[int, int] = 1
@@ -100,6 +103,7 @@ class Conv2d(nn.Module):
   param_dtype: Dtype = jnp.float32
   impl: str = 'auto'
   kernel_init: Callable = torch_default_kernel_init()
+  dilation: int | tuple[int, int] = 1
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -114,12 +118,13 @@ class Conv2d(nn.Module):
                         self.param_dtype)
     padding = self.padding
     if padding is None:
-      padding = ops.same_padding((kh, kw))
+      padding = ops.same_padding((kh, kw), self.dilation)
     elif isinstance(padding, int):
       padding = ((padding, padding), (padding, padding))
     y = ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
                    strides=pair(self.strides), padding=padding,
-                   groups=self.groups, impl=self.impl)
+                   groups=self.groups, impl=self.impl,
+                   dilation=pair(self.dilation))
     if self.use_bias:
       fan_in = kh * kw * cin // self.groups
       bias = self.param('bias', _torch_bias_init(fan_in), (self.features,),

@@ -71,14 +71,14 @@ def same_padding(kernel_size, dilation=1) -> tuple[tuple[int, int], tuple[int, i
   return ((dh * (kh - 1) // 2,) * 2, (dw * (kw - 1) // 2,) * 2)
 
 
-def _conv_lax(x, kernel, strides, padding, groups, precision):
+def _conv_lax(x, kernel, strides, padding, groups, precision, dilation=(1, 1)):
   return lax.conv_general_dilated(
       x, kernel, window_strides=strides, padding=padding,
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      rhs_dilation=dilation, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
       feature_group_count=groups, precision=precision)
 
 
-def depthwise_conv2d_xla(x, kernel, strides, padding):
+def depthwise_conv2d_xla(x, kernel, strides, padding, dilation=(1, 1)):
   """Depthwise convolution as a sum of shifted, per-channel-scaled slices.
 
   Args:
@@ -86,22 +86,26 @@ def depthwise_conv2d_xla(x, kernel, strides, padding):
     kernel: ``(kh, kw, 1, C)``.
     strides: ``(sh, sw)``.
     padding: ``((top, bottom), (left, right))``.
+    dilation: ``(dh, dw)``, the spacing of the kernel taps (atrous).
 
   Returns:
-    ``(N, Ho, Wo, C)`` with ``Ho = (H + top + bottom - kh) // sh + 1``.
+    ``(N, Ho, Wo, C)`` with
+    ``Ho = (H + top + bottom - dh * (kh - 1) - 1) // sh + 1``.
   """
   kh, kw, _, c = kernel.shape
   n, h, w, _ = x.shape
   sh, sw = strides
-  ho = conv_out_size(h, kh, sh, padding[0])
-  wo = conv_out_size(w, kw, sw, padding[1])
+  dh, dw = dilation
+  ho = conv_out_size(h, kh, sh, padding[0], dh)
+  wo = conv_out_size(w, kw, sw, padding[1], dw)
   xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
   out = None
   for i in range(kh):
     for j in range(kw):
+      y0, x0 = i * dh, j * dw
       tap = lax.slice(
-          xp, (0, i, j, 0),
-          (n, i + sh * (ho - 1) + 1, j + sw * (wo - 1) + 1, c),
+          xp, (0, y0, x0, 0),
+          (n, y0 + sh * (ho - 1) + 1, x0 + sw * (wo - 1) + 1, c),
           (1, sh, sw, 1))
       term = tap * kernel[i, j, 0]
       out = term if out is None else out + term
@@ -135,7 +139,7 @@ def pointwise_conv2d_xla(x, kernel, strides, precision=None):
 
 
 def grouped_conv2d_split(x, kernel, strides, padding, groups: int,
-                         precision=None):
+                         precision=None, dilation=(1, 1)):
   """A grouped convolution as ``groups`` dense convolutions, concatenated.
 
   Group ``g`` convolves input channels ``[g * Cin/G, (g + 1) * Cin/G)`` with
@@ -149,13 +153,15 @@ def grouped_conv2d_split(x, kernel, strides, padding, groups: int,
     strides: ``(sh, sw)``.
     padding: ``((top, bottom), (left, right))``.
     groups: feature groups.
+    precision: passed to each convolution.
+    dilation: ``(dh, dw)`` kernel dilation.
   """
   cig = kernel.shape[2]
   cog = kernel.shape[3] // groups
   outs = [
       _conv_lax(x[..., g * cig:(g + 1) * cig],
                 kernel[..., g * cog:(g + 1) * cog], strides, padding, 1,
-                precision)
+                precision, dilation)
       for g in range(groups)]
   return jnp.concatenate(outs, axis=-1)
 
@@ -168,7 +174,7 @@ def is_depthwise(kernel_shape, in_features: int, groups: int) -> bool:
 
 def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1),
            padding: Padding | None = None, groups: int = 1,
-           impl: str = 'auto', precision=None) -> jax.Array:
+           impl: str = 'auto', precision=None, dilation=(1, 1)) -> jax.Array:
   """2D convolution in NHWC / HWIO with a selectable lowering.
 
   Args:
@@ -176,32 +182,37 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1),
     kernel: ``(kh, kw, Cin // groups, Cout)``.
     strides: int or pair.
     padding: explicit ``((top, bottom), (left, right))``; ``None`` means
-      PyTorch's symmetric ``k // 2``.
+      PyTorch's symmetric ``dilation * (k - 1) // 2``.
     groups: feature groups (``Cin`` for a depthwise convolution).
     impl: ``'auto'``, ``'lax'``, ``'xla'`` or ``'ffi'`` (module docstring).
     precision: passed to the XLA convolution / matmul.
+    dilation: int or pair, the spacing of the kernel taps (atrous
+      convolution). Every lowering supports it; the compiled ``'ffi'``
+      kernels do not, so dilated depthwise convolutions take ``'xla'``'s
+      path under ``'ffi'``.
 
   Returns:
     ``(N, Ho, Wo, Cout)``.
   """
   strides = pair(strides)
+  dilation = pair(dilation)
   kh, kw, _, _ = kernel.shape
   if padding is None:
-    padding = same_padding((kh, kw))
+    padding = same_padding((kh, kw), dilation)
   padding = tuple(tuple(int(p) for p in pair) for pair in padding)
   impl = resolve_impl(impl)
   if impl == 'lax':
-    return _conv_lax(x, kernel, strides, padding, groups, precision)
+    return _conv_lax(x, kernel, strides, padding, groups, precision, dilation)
   cin = x.shape[-1]
   if groups == 1 and (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
     return pointwise_conv2d_xla(x, kernel, strides, precision)
   if is_depthwise(kernel.shape, cin, groups):
-    if impl == 'ffi':
+    if impl == 'ffi' and dilation == (1, 1):
       from ghostnet_jax import kernels  # pylint: disable=g-import-not-at-top
       if kernels.supports(kernel.shape, strides, padding):
         return kernels.depthwise_conv2d(x, kernel, strides, padding)
-    return depthwise_conv2d_xla(x, kernel, strides, padding)
+    return depthwise_conv2d_xla(x, kernel, strides, padding, dilation)
   if 1 < groups <= MAX_SPLIT_GROUPS:
     return grouped_conv2d_split(x, kernel, strides, padding, groups,
-                                precision)
-  return _conv_lax(x, kernel, strides, padding, groups, precision)
+                                precision, dilation)
+  return _conv_lax(x, kernel, strides, padding, groups, precision, dilation)

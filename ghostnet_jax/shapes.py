@@ -44,7 +44,7 @@ def pair(v: Any, what: str = 'value', name: str | None = None,
 
 
 def conv_out_size(size: int, kernel: int, stride: int,
-                  pad: tuple[int, int]) -> int:
-  """Output length of a convolution along one axis: ``(size + pad - k) //
-  stride + 1`` with ``pad = (before, after)``."""
-  return (size + pad[0] + pad[1] - kernel) // stride + 1
+                  pad: tuple[int, int], dilation: int = 1) -> int:
+  """Output length of a convolution along one axis: ``(size + pad -
+  dilation * (k - 1) - 1) // stride + 1`` with ``pad = (before, after)``."""
+  return (size + pad[0] + pad[1] - dilation * (kernel - 1) - 1) // stride + 1

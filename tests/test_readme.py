@@ -42,6 +42,11 @@ def test_readme_example_runs(index):
                          (namespace['ghost'], 49_322)):
       params = jax.eval_shape(model.init, jax.random.key(0), x)['params']
       assert ghostnet_jax.count_params(params) == count
+  if 'maps' in namespace:  # The backbone example's stated levels and shapes.
+    assert [m.shape for m in namespace['maps']] == [(2, 16, 16, 24),
+                                                    (2, 4, 4, 160)]
+    assert [(lv['num_chs'], lv['reduction']) for lv in namespace['info']] == [
+        (16, 2), (24, 4), (40, 8), (80, 16), (160, 16)]
   if 'stage' in namespace:  # The G-Ghost example builds a 256-channel stage.
     import jax.numpy as jnp
     out = jax.eval_shape(
