@@ -18,6 +18,7 @@ Untrusted files never execute code here.
 
 from __future__ import annotations
 
+import _compat_pickle
 import argparse
 import collections
 import io
@@ -76,6 +77,12 @@ class _Restricted(pickle.Unpickler):
     self._path, self._allowed, self._what = path, allowed, what
 
   def find_class(self, module, name):
+    # Protocol-2 files name Python 2 modules (``commands``, ``__builtin__``);
+    # map them as pickle itself does, so the check and message see the real
+    # module.
+    module, name = _compat_pickle.NAME_MAPPING.get(
+        (module, name), (_compat_pickle.IMPORT_MAPPING.get(module, module),
+                         name))
     try:
       return self._allowed[(module, name)]
     except KeyError:
@@ -482,7 +489,8 @@ def read_mindspore_ckpt(path: str | os.PathLike) -> dict[str, np.ndarray]:
         continue  # map tensors and other entries carry no dense weights
       dims, dtype, content = tensor
       chunks.setdefault(tag, []).append(content)
-      meta[tag] = (dims, dtype)
+      if tag not in meta or (dims and not meta[tag][0]):
+        meta[tag] = (dims, dtype)  # slices of a split tensor: first shape
   except (ValueError, EOFError, UnicodeDecodeError) as e:
     raise WeightFileError(f'{path} is not a readable MindSpore checkpoint '
                           f'(truncated, encrypted or not a .ckpt): {e}'
