@@ -84,8 +84,8 @@ _PADDLE_CONVBN = {
 }
 
 
-def _paddle_convbn(rest: str) -> tuple[str, str] | None:
-  """``'<layer>._conv.weight'`` -> (layer, leaf) in torch names."""
+def _paddle_convbn(rest: str) -> tuple[str, str, str] | None:
+  """``<layer>._conv.weight`` -> (layer, conv or batch_norm, torch leaf)."""
   m = re.fullmatch(r'(.+)\._(conv|batch_norm)\.(weight|bias|_mean|_variance)',
                    rest)
   if m is None:

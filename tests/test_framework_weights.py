@@ -8,6 +8,8 @@ themselves are covered by test_weight_readers.py on files built from the
 documented formats.
 """
 
+import dataclasses
+import hashlib
 import functools
 import os
 import subprocess
@@ -16,7 +18,9 @@ import numpy as np
 import pytest
 
 import ghostnet_jax
+from ghostnet_jax import download, sources
 from torch_reference import compiled_apply, relative_error
+from weights_server import WeightsServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, 'weights_reference_worker.py')
@@ -64,6 +68,42 @@ def test_paddleclas_pdparams_match_paddle(name, scale, tmp_path):
   out = compiled_apply(name)(variables, ref['x'])
   err = relative_error(out, ref['logits'])
   assert err <= 1e-4, err
+
+
+def test_registered_paddle_source_downloads_verifies_and_converts(
+    tmp_path, monkeypatch):
+  """The default source of ghostnet_050 (PaddleClas), served from a local
+  server with the file paddle.save wrote: download, verify, convert, keep."""
+  ref = _build('paddle', '0.5', 'paddle', tmp_path)
+  data = (tmp_path / 'model.pdparams').read_bytes()
+  for var in ('http_proxy', 'HTTP_PROXY'):
+    monkeypatch.delenv(var, raising=False)
+  monkeypatch.delenv(download.OFFLINE_ENV, raising=False)
+  monkeypatch.delenv('HF_HUB_OFFLINE', raising=False)
+  server = WeightsServer()
+  try:
+    src = sources.default_source('ghostnet_050')
+    assert src.tag == 'paddle'
+    path = '/dygraph/' + src.file_name
+    server.files[path] = data
+    server.faults[path] = {'truncate': 1}  # one broken transfer, resumed
+
+    local = dataclasses.replace(src, url=server.url(path),
+                                sha256=hashlib.sha256(data).hexdigest())
+    monkeypatch.setattr(sources, '_SOURCES', tuple(
+        local if s is src else s for s in sources._SOURCES))  # pylint: disable=protected-access
+    cache = tmp_path / 'cache'
+    variables = ghostnet_jax.load_pretrained('ghostnet_050', cache_dir=cache)
+    assert [r for _, r in server.log] == [None, f'bytes={len(data) // 2}-']
+    again = ghostnet_jax.load_pretrained('ghostnet_050', cache_dir=cache)
+    assert len(server.log) == 2  # the converted copy, no new request
+  finally:
+    server.close()
+  assert (cache / 'converted' / 'ghostnet_050' / 'paddle').is_dir()
+  assert (cache / 'downloads' / 'ghostnet_050' / src.file_name).is_file()
+  for v in (variables, again):
+    out = compiled_apply('ghostnet_050')(v, ref['x'])
+    assert relative_error(out, ref['logits']) <= 1e-4
 
 
 def test_mindcv_ckpt_matches_mindspore(tmp_path):
