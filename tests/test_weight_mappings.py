@@ -126,3 +126,25 @@ def test_paddle_file_of_a_wider_model_is_refused():
 def test_list_sources_is_exported():
   assert [s.tag for s in ghostnet_jax.list_sources('ghostnet_050')] == [
       'paddle', 'mindcv']
+
+
+def test_readme_table_and_summary_list_the_sources(capsys):
+  """The README's weights column is what the registry says (regenerate it
+  with ``python -m ghostnet_jax.summary all --markdown``)."""
+  import pathlib
+  import re
+
+  from ghostnet_jax import summary
+  readme = (pathlib.Path(__file__).resolve().parents[1] / 'README.md'
+            ).read_text()
+  models = readme[readme.index('## Models'):]
+  models = models[:models.index('\n## ', 1)]
+  rows = dict(re.findall(r'^\| `(\w+)` \|.*\| ([^|]+) \|$', models, flags=re.M))
+  assert set(rows) == set(ghostnet_jax.list_models())
+  for name, cell in rows.items():
+    assert cell.strip() == summary.weights_cell(name), name
+  assert '**PaddleClas SSLD**' in rows['ghostnet_130']
+  assert summary.main(['all', '--sources']) == 0
+  out = capsys.readouterr().out
+  assert 'GhostNet_x1_3_ssld_pretrained.pdparams' in out
+  assert '[not loadable]' in out  # the TF checkpoint
