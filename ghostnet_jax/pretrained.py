@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -151,6 +152,17 @@ def _hf_file(src: sources.WeightSource) -> str:
 
 
 def _verify_hf(path: str, src: sources.WeightSource) -> str:
+  """Checks a Hub file: against the registered SHA-256, and against its blob
+  name (the Hub cache names LFS blobs by their SHA-256), so a damaged cache
+  entry is never used."""
+  blob = os.path.basename(os.path.realpath(path))
+  if re.fullmatch(r'[0-9a-f]{64}', blob):
+    digest = download.sha256_of(path)
+    if digest != blob:
+      raise download.ChecksumError(
+          f'{path} is damaged: its SHA-256 is {digest} but the Hugging Face '
+          f'cache stored it as {blob}. Delete {os.path.realpath(path)} and '
+          'load again (online) to fetch it anew.')
   if src.sha256 is not None:
     try:
       download.verify_file(path, sha256=src.sha256)

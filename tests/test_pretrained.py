@@ -8,6 +8,7 @@ huggingface_hub lays it out (``models--ORG--REPO/{refs,snapshots,blobs}``).
 
 import hashlib
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -128,6 +129,20 @@ def test_registered_hub_source_checks_the_published_sha256(hub_file,
   assert sources.default_source(NAME).tag == 'timm'
   with pytest.raises(download.ChecksumError, match='model.safetensors'):
     ghostnet_jax.load_pretrained(NAME, cache_dir=tmp_path / 'cache')
+
+
+def test_damaged_hub_blob_is_refused(hub_file, offline_hub, tmp_path):
+  """The Hub cache names blobs by SHA-256: a damaged one is noticed even
+  where it still parses and no hash is registered."""
+  del hub_file
+  blobs = pathlib.Path(offline_hub) / 'models--timm--ghostnet_100.in1k' / 'blobs'
+  blob = max(blobs.iterdir(), key=lambda p: p.stat().st_size)
+  data = bytearray(blob.read_bytes())
+  data[-5] ^= 0xFF  # inside the last tensor's bytes
+  blob.write_bytes(bytes(data))
+  with pytest.raises(download.ChecksumError, match='damaged'):
+    ghostnet_jax.load_pretrained(NAME, 'hf-hub:timm/ghostnet_100.in1k',
+                                 cache_dir=tmp_path / 'cache')
 
 
 def test_damaged_converted_copy_is_rebuilt(hub_file, reference, tmp_path,
