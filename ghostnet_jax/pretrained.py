@@ -129,13 +129,15 @@ def _hf_file(src: sources.WeightSource) -> str:
   from huggingface_hub import errors as hf_errors  # pylint: disable=g-import-not-at-top
   try:
     path = hf_hub_download(repo, src.filename or 'model.safetensors',
-                           revision=revision)
+                           revision=revision,
+                           local_files_only=download.is_offline())
   except (hf_errors.LocalEntryNotFoundError, OSError) as e:
     # hf_hub_download raises LocalEntryNotFoundError offline and on network
     # failure; revision pinned -> try what the cache has on main.
     if revision is not None:
       try:
-        path = hf_hub_download(repo, src.filename or 'model.safetensors')
+        path = hf_hub_download(repo, src.filename or 'model.safetensors',
+                               local_files_only=download.is_offline())
       except Exception:  # pylint: disable=broad-except
         path = None
       if path is not None:
