@@ -13,8 +13,10 @@ from ghostnet_jax.ghost_layers import GhostConv
 from ghostnet_jax.ghostnetv3 import reparameterize
 from ghostnet_jax.layers import make_divisible
 from ghostnet_jax.macs import count_macs
+from ghostnet_jax.pretrained import load_pretrained
 from ghostnet_jax.registry import (create_model, get_eval_config, list_models,
                                    register_model)
+from ghostnet_jax.sources import list_sources
 from ghostnet_jax.utils import count_params, extract_features, init_variables
 
 __version__ = '0.1.0'
@@ -22,6 +24,7 @@ __version__ = '0.1.0'
 __all__ = [
     'GGhostStage', 'GhostConv', 'count_macs', 'count_params', 'create_model',
     'extract_features', 'feature_info', 'get_eval_config', 'imagenet_classes',
-    'imagenet_synsets', 'init_variables', 'list_models', 'make_divisible',
-    'register_model', 'reparameterize', 'transfer_variables',
+    'imagenet_synsets', 'init_variables', 'list_models', 'list_sources',
+    'load_pretrained', 'make_divisible', 'register_model', 'reparameterize',
+    'transfer_variables',
 ]

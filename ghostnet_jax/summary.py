@@ -3,6 +3,10 @@
     python -m ghostnet_jax.summary ghostnet_100 [--image-size 224]
     python -m ghostnet_jax.summary all          # one line per model
     python -m ghostnet_jax.summary all --markdown   # the README's model table
+    python -m ghostnet_jax.summary all --sources    # every pretrained source
+
+A single model's table is followed by its pretrained weight sources
+(``load_pretrained(name, source=TAG)``).
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ghostnet_jax import registry
+from ghostnet_jax import registry, sources
 from ghostnet_jax.macs import format_summary, summarize
 
 
@@ -19,10 +23,46 @@ def _size(name: str, image_size: int, **kwargs) -> tuple[int, int]:
   return sum(r['params'] for r in rows), sum(r['macs'] for r in rows)
 
 
+_SOURCE_LABELS = {'timm': 'timm Hub', 'paddle': 'PaddleClas',
+                  'paddle_ssld': 'PaddleClas SSLD', 'mindcv': 'mindcv',
+                  'mindspore_zoo': 'MindSpore zoo'}
+
+
+def weights_cell(name: str) -> str:
+  """The README's weights cell: every loadable source, the default in bold.
+
+  Official PyTorch files show their file name."""
+  default = sources.default_source(name)
+  parts = []
+  for s in sources.list_sources(name):
+    if not s.loadable:
+      continue
+    if s.tag.startswith('official'):
+      label = f'`{s.file_name}`' + (' EMA' if s.ema else '')
+      if s.ema is False:
+        label = f'`{s.file_name}` non-EMA'
+    else:
+      label = _SOURCE_LABELS.get(s.tag, s.tag)
+    parts.append(f'**{label}**' if s is default else label)
+  return ' · '.join(parts) if parts else '-'
+
+
+def sources_table() -> str:
+  """Every registered source: model, tag, format, top-1, URL, verification."""
+  lines = []
+  for s in sources.list_sources():
+    top1 = f'{s.top1:.2f}' if s.top1 is not None else '-'
+    state = '' if s.loadable else ' [not loadable]'
+    lines.append(f'{s.model:<20} {s.tag:<14} {s.format:<11} {top1:>6}  '
+                 f'{s.url}{state}')
+  return '\n'.join(lines)
+
+
 def markdown_table(image_size: int = 224) -> str:
   """One row per registered model: family, params, MACs, paper top-1,
-  official weight file. Re-parameterisable models show training / deploy."""
-  lines = ['| model | family | params | MACs | paper top-1 | official weights |',
+  pretrained weights (default in bold). Re-parameterisable models show
+  training / deploy."""
+  lines = ['| model | family | params | MACs | paper top-1 | pretrained weights |',
            '|---|---|---:|---:|---:|---|']
   order = ('ghostnet', 'ghostnetv2', 'ghostnetv3', 'g_ghost', 'ghost_resnet')
   names = sorted(registry.list_models(), key=lambda n: (
@@ -39,7 +79,7 @@ def markdown_table(image_size: int = 224) -> str:
     except TypeError:
       pass  # No deploy form.
     top1 = f'{entry.paper_top1:.1f}' if entry.paper_top1 else '-'
-    weights = f'`{entry.weights}`' if entry.weights else '-'
+    weights = weights_cell(name)
     lines.append(f'| `{name}` | {entry.family} | {p_txt} | {m_txt} | {top1} '
                  f'| {weights} |')
   return '\n'.join(lines)
@@ -55,9 +95,14 @@ def main(argv=None) -> int:
   parser.add_argument('--num-classes', type=int, default=1000)
   parser.add_argument('--markdown', action='store_true',
                       help='with `all`: a Markdown table with paper top-1 '
-                      'and official weights')
+                      'and pretrained weights')
+  parser.add_argument('--sources', action='store_true',
+                      help='with `all`: every registered pretrained source')
   args = parser.parse_args(argv)
   try:
+    if args.model == 'all' and args.sources:
+      print(sources_table())
+      return 0
     if args.model == 'all' and args.markdown:
       print(markdown_table(args.image_size))
       return 0
@@ -72,6 +117,9 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(format_summary(args.model, rows, args.image_size))
+  from ghostnet_jax.pretrained import describe_sources  # pylint: disable=g-import-not-at-top
+  print()
+  print(describe_sources(args.model))
   return 0
 
 
