@@ -278,12 +278,15 @@ def preprocess_train(image: np.ndarray, rng: np.random.Generator,
                      ratio: Sequence[float] = (3 / 4, 4 / 3),
                      interpolation: str = 'bilinear', hflip: bool = True,
                      mean: Sequence[float] = IMAGENET_MEAN,
-                     std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+                     std: Sequence[float] = IMAGENET_STD,
+                     augment: Any = None) -> np.ndarray:
   """Training augmentation of one image.
 
   :func:`random_resized_crop`, then (if ``hflip``) a horizontal flip with
   probability 1/2, then scaling to [0, 1] and normalisation. Every random
-  draw comes from ``rng``.
+  draw comes from ``rng``. ``augment`` (an :class:`ghostnet_jax.augment.Augment`)
+  adds RandAugment / colour jitter after the flip and random erasing after
+  the normalisation; without it the draws are unchanged.
 
   Returns:
     ``(image_size, image_size, 3)`` float32.
@@ -292,7 +295,10 @@ def preprocess_train(image: np.ndarray, rng: np.random.Generator,
                              interpolation)
   if hflip and rng.random() < 0.5:
     crop = crop[:, ::-1]
-  return normalize(crop, mean, std)
+  if augment is None:
+    return normalize(crop, mean, std)
+  crop = augment.image_ops(np.ascontiguousarray(crop), rng)
+  return augment.erase(normalize(crop, mean, std), rng)
 
 
 # ---------------------------------------------------------------------------
@@ -557,13 +563,15 @@ class _TrainTransform:
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
   with_index: bool
+  augment: Any = None  # ghostnet_jax.augment.Augment
 
   def __call__(self, element, rng: np.random.Generator) -> dict[str, Any]:
     index, example = element
     row = {
         'image': preprocess_train(
             example[self.image_key], rng, self.image_size, self.scale,
-            self.ratio, self.interpolation, self.hflip, self.mean, self.std),
+            self.ratio, self.interpolation, self.hflip, self.mean, self.std,
+            self.augment),
         'label': np.int32(example[self.label_key]),
     }
     if self.with_index:
@@ -662,7 +670,8 @@ def train_iterator(*, dataset: str, data_dir: str | None, split: str = 'train',
                    worker_count: int = 0, num_threads: int = 2,
                    prefetch_batches: int = 2, with_index: bool = False,
                    image_key: str | None = None,
-                   label_key: str | None = None) -> BatchIterator:
+                   label_key: str | None = None,
+                   augment: Any = None) -> BatchIterator:
   """Infinite, resumable, per-process training batches.
 
   The global batch at step ``s`` holds the examples at global positions
@@ -689,10 +698,14 @@ def train_iterator(*, dataset: str, data_dir: str | None, split: str = 'train',
     with_index: also yield ``'index'``, int32 ``(B / P,)`` example indices in
       the split (for tests and debugging).
     image_key, label_key: feature keys (default ``'image'``, ``'label'``).
+    augment: a :class:`ghostnet_jax.augment.Augment` (None: crop and flip
+      only). Its ``mix`` mixes each local batch with a generator keyed on
+      ``(seed, step, process)`` and adds ``'target'``.
 
   Returns:
     An infinite iterator of ``{'image': float32 (B / P, S, S, 3),
-    'label': int32 (B / P,)}``.
+    'label': int32 (B / P,)}`` (plus ``'target'``, float32 ``(B / P, K)``
+    soft labels, with mixup / CutMix).
   """
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
     raise ValueError(f'seed must be a non-negative int, got {seed!r}.')
@@ -714,12 +727,17 @@ def train_iterator(*, dataset: str, data_dir: str | None, split: str = 'train',
       image_size=image_size, scale=scale, ratio=ratio,
       interpolation=interpolation, hflip=bool(hflip),
       mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
-      with_index=with_index)
+      with_index=with_index, augment=augment)
   ds = grain.MapDataset.source(_IndexedSource(source))
   ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat(None)
   ds = ds.random_map(transform, seed=_derive_seed(seed, 1))
   # Row blocks of size B / P: global block s * P + i is process i's step s.
   ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
+  if augment is not None and augment.mix is not None:
+    from ghostnet_jax.augment import BatchMix  # pylint: disable=g-import-not-at-top
+    # Element s of this dataset is this process's step s: keyed on it.
+    ds = ds.random_map(BatchMix(augment.mix),
+                       seed=_derive_seed(seed, 2 + process_index))
   ds = ds[int(start_step):]
   return BatchIterator(
       _to_iter(ds, num_threads, prefetch_batches, worker_count), None)

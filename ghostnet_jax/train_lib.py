@@ -63,7 +63,9 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from ghostnet_jax import augment  # issue-13 hook
 from ghostnet_jax import checkpoint as ckpt_lib
+from ghostnet_jax import distill  # issue-13 hook
 from ghostnet_jax import input_pipeline
 from ghostnet_jax import ops
 from ghostnet_jax import optim
@@ -139,6 +141,10 @@ FIELDS = REQUIRED_FIELDS + (
     'num_processes', 'process_id', 'keep_checkpoints',
     'keep_best_checkpoints', 'async_checkpointing', 'eval_every_steps',
     'log_every_steps', 'progress_bar', 'skip_nonfinite_steps')
+FIELDS += (  # issue-13 hook: recipe fields (augment, distill, remat)
+    'rand_augment', 'color_jitter', 'random_erasing', 'mixup', 'cutmix',
+    'mixup_prob', 'mixup_switch_prob', 'teacher', 'teacher_model',
+    'distill_weight', 'distill_temperature', 'distill_type', 'remat')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -235,6 +241,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.init_from and not os.path.isdir(config.init_from):
     raise ConfigError(f'config.init_from: no checkpoint directory at '
                       f'{config.init_from!r}.')
+  try:  # issue-13 hook: augmentation, distillation and remat fields
+    augment.check_config(config)
+    distill.check_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def validate_devices(config: ml_collections.ConfigDict, num_devices: int,
@@ -378,7 +389,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, num_classes: int,
                     label_smoothing: float, ema_decay: float,
                     seed: int, gather: Callable = lambda t: t,
-                    skip_nonfinite: bool = False) -> Callable:
+                    skip_nonfinite: bool = False,
+                    distill_loss: Callable | None = None) -> Callable:
   """The update ``(state, batch) -> (state, metrics)`` over a global batch.
 
   Dropout keys are ``fold_in(key(seed), step)``: a step's randomness depends
@@ -404,8 +416,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
           gather({'params': params, 'batch_stats': state.batch_stats}),
           batch['image'], train=True, mutable=['batch_stats'],
           rngs={'dropout': rng})
-      loss = cross_entropy(logits, batch['label'], num_classes,
-                           label_smoothing).mean()
+      if 'target' in batch:  # issue-13 hook: mixup/CutMix soft targets
+        loss = optax.softmax_cross_entropy(logits.astype(jnp.float32),
+                                           batch['target']).mean()
+      else:
+        loss = cross_entropy(logits, batch['label'], num_classes,
+                             label_smoothing).mean()
+      if distill_loss is not None:  # issue-13 hook: knowledge distillation
+        loss = loss + distill_loss(logits, batch)
       return loss, (logits, new_vars['batch_stats'])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(
@@ -500,13 +518,15 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> dict:
+                       workdir: str, *, teacher: tuple | None = None) -> dict:
   """Trains ``config.model`` on ``config.dataset``; resumes from ``workdir``.
 
   Args:
     config: a config from ``configs/`` (see ``configs/default.py``).
     workdir: run directory: checkpoints, metrics, ``config.json`` and, at the
       end, ``final_metrics.json``.
+    teacher: a ``(flax module, variables)`` pair to distil from, instead of
+      ``config.teacher`` (:mod:`ghostnet_jax.distill`).
 
   Returns:
     The final metrics (``step``, ``train_loss``, ``top1``, ``top5``, ...);
@@ -561,6 +581,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                               bn_batch_groups=bn_groups(config, num_devices))
   except (TypeError, ValueError) as e:
     raise ConfigError(f'config.model / config.model_overrides: {e}') from None
+  try:  # issue-13 hook: the distillation teacher (None without one)
+    teacher = distill.load_teacher(config, num_classes, teacher=teacher,
+                                   dtype=DTYPES[config.dtype])
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   schedule = optim.make_schedule(
       schedule=config.schedule, learning_rate=config.learning_rate,
       total_steps=total_steps, warmup_steps=warmup_steps,
@@ -630,12 +655,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # ----------------------------------------------------------------------------
   gather = functools.partial(jax.lax.with_sharding_constraint,
                              shardings=replicated)
-  train_step = jax.jit(
+  train_step = distill.jit_train_step(  # issue-13 hook (jax.jit w/o teacher)
       _count_nonfinite(make_train_step(
           model, tx, schedule, num_classes=num_classes,
           label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
           seed=config.seed, gather=gather,
-          skip_nonfinite=config.skip_nonfinite_steps)),
+          skip_nonfinite=config.skip_nonfinite_steps,
+          distill_loss=teacher and teacher.loss)),
+      teacher, gather=gather, fsdp_min_size=config.fsdp_min_size,
       in_shardings=(state_sharding, replicated, batch_sharding),
       out_shardings=(state_sharding, replicated, replicated),
       donate_argnums=(0, 1))
@@ -738,6 +765,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       f'{jax.devices()[0].platform} device(s), {process_count} process(es), '
       f'mesh (data, fsdp) = {mesh_shape}; workdir {workdir}'
       + (f'; resuming from step {start_step}' if start_step else ''))
+  if teacher is not None and do_eval and start_step == 0:  # issue-13 hook
+    logger.print(f'Teacher {teacher.name}: {config.eval_split} top-1 ' + _pct(
+        teacher.evaluate(data.eval_batches(), functools.partial(
+            shd.put_batch, sharding=batch_sharding), gather)))
   preemption = _Preemption(enable=process_count == 1)
   train_iter = data.train_batches(start_step)
   last_train, last_eval, preempted = {}, {}, False
@@ -1038,6 +1069,11 @@ class _Input:
       raise ConfigError(
           f'config.batch_size={config.batch_size} is larger than the '
           f'{self.train_size} examples of {config.dataset}:{config.train_split}.')
+    try:  # issue-13 hook: recipe augmentations (None: crop and flip only)
+      self.augment = augment.from_config(config, self.num_classes, self.mean,
+                                         config.interpolation)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
   def train_batches(self, start_step: int) -> Iterator[dict]:
     """Local batches for steps ``start_step, start_step + 1, ...``."""
@@ -1049,7 +1085,8 @@ class _Input:
         interpolation=c.interpolation, scale=tuple(c.scale),
         ratio=tuple(c.ratio), hflip=c.hflip,
         process_index=self.process_index, process_count=self.process_count,
-        worker_count=c.worker_count))
+        worker_count=c.worker_count,
+        **({'augment': self.augment} if self.augment else {})))  # issue-13
 
   def eval_batches(self) -> Iterator[dict]:
     """Local padded eval batches with a ``mask``, one pass over the split."""
