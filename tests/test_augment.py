@@ -324,3 +324,20 @@ def test_from_config_off_and_errors():
     _augment(mixup_prob=2.0)
   with pytest.raises(ValueError, match='config.cutmix'):
     _augment(cutmix=-1.0)
+
+
+def test_imagenet_configs_turn_on_their_papers_augmentations():
+  import importlib
+  got = {}
+  for name in ('ghostnet_100_imagenet', 'ghostnetv2_100_imagenet',
+               'ghostnetv3_100_imagenet', 'g_ghost_regnetx_032_imagenet'):
+    c = importlib.import_module(f'configs.{name}').get_config()
+    a = aug.from_config(c, 1000, (0.485, 0.456, 0.406), c.interpolation)
+    got[name] = None if a is None else (
+        a.rand_augment, a.color_jitter, a.erasing_prob, a.mix)
+  ra = aug.parse_rand_augment('rand-m9-mstd0.5')
+  assert got == {
+      'ghostnet_100_imagenet': (None, (0.4, 0.4, 0.4), 0.0, None),
+      'ghostnetv2_100_imagenet': (ra, None, 0.2, None),
+      'ghostnetv3_100_imagenet': (ra, None, 0.2, None),
+      'g_ghost_regnetx_032_imagenet': None}
