@@ -36,7 +36,9 @@ def get_config() -> ml_collections.ConfigDict:
                                        # (ghostnet_jax.remat; saves memory, costs recompute)
 
   # --- data ---
-  c.dataset = 'digits'                 # 'digits' (embedded) or a tfds name, e.g. 'imagenet2012'
+  c.dataset = 'digits'                 # 'digits' (embedded), a tfds name, e.g. 'imagenet2012',
+                                       # or 'folder:/path' (train/<class>/*, val/<class>/*)
+  c.folder_bad_files = 'fail'          # folder datasets: non-image/corrupt files 'fail' or 'skip'
   c.data_dir = './data/tfds'           # tfds data_dir; digits is prepared here automatically
   c.train_split = 'train'
   c.eval_split = 'test'                # held-out split for top-1/top-5

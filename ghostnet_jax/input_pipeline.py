@@ -39,6 +39,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from ghostnet_jax import datasets as _datasets  # noqa: F401  (registers builders)
+from ghostnet_jax.datasets import folder as _folder
 from ghostnet_jax.registry import IMAGENET_MEAN, IMAGENET_STD
 
 INTERPOLATIONS = {
@@ -428,9 +429,21 @@ def _feature_keys(builder, dataset: str, image_key: str | None,
   return image_key, label_key
 
 
+def _load_folder(dataset: str, bad_files: str):
+  """``(FolderBuilder, DatasetInfo)`` of ``'folder:/path'``."""
+  builder = _folder.FolderBuilder(dataset, bad_files)
+  names = builder.class_names
+  info = DatasetInfo(name=dataset, num_classes=len(names),
+                     splits=builder.splits(), class_names=names,
+                     data_dir=builder.root)
+  return builder, info
+
+
 def _load(dataset: str, data_dir: str | None, image_key: str | None = None,
-          label_key: str | None = None):
+          label_key: str | None = None, bad_files: str = 'fail'):
   """``(builder, DatasetInfo)``; raises the errors documented below."""
+  if _folder.is_folder(dataset):
+    return _load_folder(dataset, bad_files)
   data_dir = os.fspath(data_dir) if data_dir is not None else None
   builder = _make_builder(dataset, data_dir)
   image_key, label_key = _feature_keys(builder, dataset, image_key, label_key)
@@ -460,8 +473,12 @@ def _load(dataset: str, data_dir: str | None, image_key: str | None = None,
 
 def get_dataset_info(dataset: str, data_dir: str | None = None, *,
                      image_key: str | None = None,
-                     label_key: str | None = None) -> DatasetInfo:
+                     label_key: str | None = None,
+                     bad_files: str = 'fail') -> DatasetInfo:
   """Metadata of a prepared tfds image-classification dataset.
+
+  ``dataset='folder:/path'`` is an image folder instead
+  (:mod:`ghostnet_jax.datasets.folder`; ``bad_files``: 'fail' or 'skip').
 
   Args:
     dataset: tfds name, e.g. ``'imagenet2012'`` or ``'ghostnet_digits'``.
@@ -473,7 +490,7 @@ def get_dataset_info(dataset: str, data_dir: str | None = None, *,
     ValueError: unknown dataset; not prepared in ``data_dir`` (the message
       says where it looked and how to prepare it); no image or label feature.
   """
-  return _load(dataset, data_dir, image_key, label_key)[1]
+  return _load(dataset, data_dir, image_key, label_key, bad_files)[1]
 
 
 def _checked_split(builder, info: DatasetInfo, split: str, data_dir):
@@ -671,7 +688,8 @@ def train_iterator(*, dataset: str, data_dir: str | None, split: str = 'train',
                    prefetch_batches: int = 2, with_index: bool = False,
                    image_key: str | None = None,
                    label_key: str | None = None,
-                   augment: Any = None) -> BatchIterator:
+                   augment: Any = None,
+                   bad_files: str = 'fail') -> BatchIterator:
   """Infinite, resumable, per-process training batches.
 
   The global batch at step ``s`` holds the examples at global positions
@@ -698,6 +716,7 @@ def train_iterator(*, dataset: str, data_dir: str | None, split: str = 'train',
     with_index: also yield ``'index'``, int32 ``(B / P,)`` example indices in
       the split (for tests and debugging).
     image_key, label_key: feature keys (default ``'image'``, ``'label'``).
+    bad_files: for ``'folder:/path'`` datasets, 'fail' or 'skip'.
     augment: a :class:`ghostnet_jax.augment.Augment` (None: crop and flip
       only). Its ``mix`` mixes each local batch with a generator keyed on
       ``(seed, step, process)`` and adds ``'target'``.
@@ -719,7 +738,7 @@ def train_iterator(*, dataset: str, data_dir: str | None, split: str = 'train',
   normalize(np.zeros((1, 3), np.uint8), mean, std)  # Validates mean/std.
   process_index, process_count = _processes(process_index, process_count)
   local = _local_batch(global_batch_size, process_count)
-  builder, info = _load(dataset, data_dir, image_key, label_key)
+  builder, info = _load(dataset, data_dir, image_key, label_key, bad_files)
   source, _ = _checked_split(builder, info, split, data_dir)
 
   transform = _TrainTransform(
@@ -744,10 +763,10 @@ def train_iterator(*, dataset: str, data_dir: str | None, split: str = 'train',
 
 
 def num_eval_batches(*, dataset: str, data_dir: str | None, split: str,
-                     global_batch_size: int) -> int:
+                     global_batch_size: int, bad_files: str = 'fail') -> int:
   """Steps of one evaluation pass: ``ceil(split size / global_batch_size)``."""
   _local_batch(global_batch_size, 1)
-  builder, info = _load(dataset, data_dir)
+  builder, info = _load(dataset, data_dir, bad_files=bad_files)
   _, size = _checked_split(builder, info, split, data_dir)
   return -(-size // int(global_batch_size))
 
@@ -763,7 +782,8 @@ def eval_iterator(*, dataset: str, data_dir: str | None, split: str,
                   worker_count: int = 0, num_threads: int = 2,
                   prefetch_batches: int = 2, with_index: bool = False,
                   image_key: str | None = None,
-                  label_key: str | None = None) -> BatchIterator:
+                  label_key: str | None = None,
+                  bad_files: str = 'fail') -> BatchIterator:
   """One pass over ``split`` in order, padded so every example counts once.
 
   Global batch ``s`` holds split examples ``[s * B, (s + 1) * B)``; rows past
@@ -780,6 +800,7 @@ def eval_iterator(*, dataset: str, data_dir: str | None, split: str,
     worker_count, num_threads, prefetch_batches: see :func:`train_iterator`.
     with_index: also yield ``'index'`` (int32; -1 for padding).
     image_key, label_key: feature keys.
+    bad_files: for ``'folder:/path'`` datasets, 'fail' or 'skip'.
 
   Returns:
     A finite iterator with ``len()`` of ``{'image': float32 (B / P, S, S, 3),
@@ -791,7 +812,7 @@ def eval_iterator(*, dataset: str, data_dir: str | None, split: str,
   normalize(np.zeros((1, 3), np.uint8), mean, std)
   process_index, process_count = _processes(process_index, process_count)
   local = _local_batch(global_batch_size, process_count)
-  builder, info = _load(dataset, data_dir, image_key, label_key)
+  builder, info = _load(dataset, data_dir, image_key, label_key, bad_files)
   source, size = _checked_split(builder, info, split, data_dir)
   num_batches = -(-size // int(global_batch_size))
 

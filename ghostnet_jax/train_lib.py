@@ -144,7 +144,8 @@ FIELDS = REQUIRED_FIELDS + (
 FIELDS += (  # issue-13 hook: recipe fields (augment, distill, remat)
     'rand_augment', 'color_jitter', 'random_erasing', 'mixup', 'cutmix',
     'mixup_prob', 'mixup_switch_prob', 'teacher', 'teacher_model',
-    'distill_weight', 'distill_temperature', 'distill_type', 'remat')
+    'distill_weight', 'distill_temperature', 'distill_type', 'remat',
+    'folder_bad_files')
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -1040,6 +1041,9 @@ class _Input:
     self.config = config
     self.process_index = process_index
     self.process_count = process_count
+    # issue-13 hook: 'folder:/path' datasets take the bad-file policy.
+    self.folder_kwargs = ({'bad_files': config.folder_bad_files}
+                          if str(config.dataset).startswith('folder:') else {})
     try:
       if config.dataset in DIGITS_ALIASES:
         from ghostnet_jax.datasets import digits  # pylint: disable=g-import-not-at-top
@@ -1047,7 +1051,8 @@ class _Input:
             config.data_dir, image_size=32 if config.image_size <= 32 else 64)
       else:
         info = input_pipeline.get_dataset_info(config.dataset,
-                                               config.data_dir or None)
+                                               config.data_dir or None,
+                                               **self.folder_kwargs)
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise ConfigError(f'config.dataset={config.dataset!r} '
                         f'(data_dir {config.data_dir!r}): {e}') from None
@@ -1085,7 +1090,7 @@ class _Input:
         interpolation=c.interpolation, scale=tuple(c.scale),
         ratio=tuple(c.ratio), hflip=c.hflip,
         process_index=self.process_index, process_count=self.process_count,
-        worker_count=c.worker_count,
+        worker_count=c.worker_count, **self.folder_kwargs,
         **({'augment': self.augment} if self.augment else {})))  # issue-13
 
   def eval_batches(self) -> Iterator[dict]:
@@ -1096,4 +1101,4 @@ class _Input:
         global_batch_size=c.eval_batch_size, image_size=c.image_size,
         crop_fraction=c.eval_crop_fraction, interpolation=c.interpolation,
         mean=self.mean, std=self.std, process_index=self.process_index,
-        process_count=self.process_count))
+        process_count=self.process_count, **self.folder_kwargs))  # issue-13
