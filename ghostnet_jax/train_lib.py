@@ -70,6 +70,7 @@ from ghostnet_jax import input_pipeline
 from ghostnet_jax import ops
 from ghostnet_jax import optim
 from ghostnet_jax import registry
+from ghostnet_jax import remat  # issue-13 hook
 from ghostnet_jax import sharding as shd
 from ghostnet_jax import train_logging
 
@@ -245,6 +246,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   try:  # issue-13 hook: augmentation, distillation and remat fields
     augment.check_config(config)
     distill.check_config(config)
+    remat.check_config(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
@@ -658,7 +660,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                              shardings=replicated)
   train_step = distill.jit_train_step(  # issue-13 hook (jax.jit w/o teacher)
       _count_nonfinite(make_train_step(
-          model, tx, schedule, num_classes=num_classes,
+          remat.wrap(model, config.remat),  # issue-13 hook: block remat
+          tx, schedule, num_classes=num_classes,
           label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
           seed=config.seed, gather=gather,
           skip_nonfinite=config.skip_nonfinite_steps,
