@@ -2,7 +2,6 @@
 blocks, config checks."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
