@@ -5,6 +5,8 @@
 Compiles one training step (forward with batch statistics, backward, SGD
 with momentum; float32 parameters, ``--dtype`` compute) for each
 ``config.remat`` value on this process's backend and prints
+the residuals the backward pass keeps (the leaves of ``jax.vjp``'s
+closure, less the parameters; backend-independent, from tracing only) and
 ``compiled.memory_analysis()``: temporaries (activations kept for the
 backward pass plus scratch), arguments, outputs, and "peak" = temporaries +
 outputs - outputs aliased to donated arguments. Nothing runs: only the
@@ -26,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def measure(model_name: str, batch: int, image_size: int, remat_value: str,
-            dtype: str) -> dict:
+            dtype: str, compile_step: bool = True) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
@@ -54,6 +56,23 @@ def measure(model_name: str, batch: int, image_size: int, remat_value: str,
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), stats, opt_state, loss
 
+  def forward(p, batch_stats, images):
+    return applied.apply({'params': p, 'batch_stats': batch_stats},
+                         images, train=True, mutable=['batch_stats'],
+                         rngs={'dropout': jax.random.key(0)})[0]
+
+  # What the backward pass keeps from the forward pass, backend-independent:
+  # the residuals held by the VJP closure (jax.vjp under eval_shape; no
+  # compile, no memory).
+  residuals = jax.eval_shape(
+      lambda p, bs, images: jax.vjp(lambda q: forward(q, bs, images), p)[1],
+      variables['params'], variables['batch_stats'], x)
+  params_bytes = sum(l.size * l.dtype.itemsize for l in
+                     jax.tree_util.tree_leaves(variables['params']))
+  residual_bytes = sum(l.size * l.dtype.itemsize for l in
+                       jax.tree_util.tree_leaves(residuals)) - params_bytes
+  if not compile_step:
+    return {'remat': remat_value, 'residual_gib': residual_bytes / 2.0 ** 30}
   t0 = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
       variables['params'], variables['batch_stats'], opt_state, x, y).compile()
@@ -61,6 +80,7 @@ def measure(model_name: str, batch: int, image_size: int, remat_value: str,
   gib = 2.0 ** 30
   return {
       'remat': remat_value,
+      'residual_gib': residual_bytes / gib,
       'temp_gib': m.temp_size_in_bytes / gib,
       'argument_gib': m.argument_size_in_bytes / gib,
       'output_gib': m.output_size_in_bytes / gib,
@@ -77,18 +97,25 @@ def main(argv=None) -> None:
   p.add_argument('--batch', type=int, default=256)
   p.add_argument('--image-size', type=int, default=224)
   p.add_argument('--dtype', default='bfloat16')
+  p.add_argument('--no-compile', action='store_true',
+                 help='only the residuals (no compilation)')
   p.add_argument('--remat', nargs='+',
                  default=['none', 'blocks', 'dots_with_no_batch_dims_saveable'])
   args = p.parse_args(argv)
   print(f'{args.model}, batch {args.batch}, {args.image_size}x'
         f'{args.image_size}, {args.dtype} compute; compiled memory (GiB)')
-  print(f'{"remat":36s} {"temp":>8s} {"args":>8s} {"out":>8s} {"peak":>8s}'
-        f' {"compile s":>10s}')
+  print(f'{"remat":36s} {"resid.":>8s} {"temp":>8s} {"args":>8s} '
+        f'{"out":>8s} {"peak":>8s} {"compile s":>10s}')
   for value in args.remat:
-    r = measure(args.model, args.batch, args.image_size, value, args.dtype)
-    print(f'{value:36s} {r["temp_gib"]:8.2f} {r["argument_gib"]:8.2f} '
-          f'{r["output_gib"]:8.2f} {r["peak_gib"]:8.2f} '
-          f'{r["compile_s"]:10.1f}  ({r["backend"]})', flush=True)
+    r = measure(args.model, args.batch, args.image_size, value, args.dtype,
+                compile_step=not args.no_compile)
+    if args.no_compile:
+      print(f'{value:36s} {r["residual_gib"]:8.2f}', flush=True)
+      continue
+    print(f'{value:36s} {r["residual_gib"]:8.2f} {r["temp_gib"]:8.2f} '
+          f'{r["argument_gib"]:8.2f} {r["output_gib"]:8.2f} '
+          f'{r["peak_gib"]:8.2f} {r["compile_s"]:10.1f}  ({r["backend"]})',
+          flush=True)
 
 
 if __name__ == '__main__':
