@@ -13,8 +13,15 @@ outputs - outputs aliased to donated arguments. Nothing runs: only the
 compiler's buffer assignment is read, so a batch far larger than this
 machine's memory can be measured. On a CPU host the numbers are XLA:CPU's
 (which expands grouped convolutions into dense ones, inflating the
-temporaries of G-Ghost's grouped 3x3s); an accelerator's buffer assignment
-differs, the with/without ratio is the figure to read.
+temporaries of G-Ghost's grouped 3x3s), and its scheduler places the
+recomputation right after the forward pass, so its compiled peak does not
+show the saving; read the residual column there, and the compiled columns on
+a GPU or TPU.
+
+Measured here (2-core CPU, g_ghost_regnetx_160, batch 256, bf16): residuals
+58.79 GiB without remat, 4.41 GiB with 'blocks' (and with
+'dots_with_no_batch_dims_saveable', which saves no convolution); XLA:CPU
+compiled peak 45.06 vs 45.31 GiB.
 """
 
 from __future__ import annotations
