@@ -32,9 +32,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.bn_batch_groups = 1                # 1: global BN stats; -1: one group per device (DDP w/o SyncBN); n: n groups
   c.conv_impl = 'auto'                 # convolution lowering (ghostnet_jax.ops): CPU kernels on CPU, 'lax' elsewhere
   c.init_from = ''                     # converted checkpoint dir to start from (classifier reset if classes differ)
+  c.remat = 'none'                     # rematerialisation: 'none', 'blocks' or a policy name
+                                       # (ghostnet_jax.remat; saves memory, costs recompute)
 
   # --- data ---
-  c.dataset = 'digits'                 # 'digits' (embedded) or a tfds name, e.g. 'imagenet2012'
+  c.dataset = 'digits'                 # 'digits' (embedded), a tfds name, e.g. 'imagenet2012',
+                                       # or 'folder:/path' (train/<class>/*, val/<class>/*)
+  c.folder_bad_files = 'fail'          # folder datasets: non-image/corrupt files 'fail' or 'skip'
   c.data_dir = './data/tfds'           # tfds data_dir; digits is prepared here automatically
   c.train_split = 'train'
   c.eval_split = 'test'                # held-out split for top-1/top-5
@@ -47,6 +51,22 @@ def get_config() -> ml_collections.ConfigDict:
   c.ratio = (3 / 4, 4 / 3)             # RandomResizedCrop aspect ratio range
   c.hflip = False                      # digits are not mirror-symmetric
   c.worker_count = 0                   # grain worker processes per host (0: in-process)
+  # Recipe augmentations (ghostnet_jax.augment, timm semantics); all off here.
+  c.rand_augment = ''                  # RandAugment string, e.g. 'rand-m9-mstd0.5' ('' off)
+  c.color_jitter = 0.0                 # brightness/contrast/saturation strength (float or 3)
+                                       # (ignored when rand_augment is set, as in timm)
+  c.random_erasing = 0.0               # probability of one per-pixel-noise box (timm 'pixel')
+  c.mixup = 0.0                        # mixup Beta alpha (0 off)
+  c.cutmix = 0.0                       # CutMix Beta alpha (0 off)
+  c.mixup_prob = 1.0                   # probability a batch is mixed at all
+  c.mixup_switch_prob = 0.5            # CutMix instead of mixup when both are on
+
+  # --- knowledge distillation (ghostnet_jax.distill; off while teacher is '') ---
+  c.teacher = ''                       # checkpoint: PyTorch file, converted dir or train.py workdir
+  c.teacher_model = ''                 # its registry name ('' : from the checkpoint)
+  c.distill_weight = 1.0               # loss = CE + distill_weight * KD
+  c.distill_temperature = 1.0          # 'soft': T^2 KL(softmax(t/T) || softmax(s/T))
+  c.distill_type = 'soft'              # 'soft' or 'hard' (CE against the teacher's argmax)
 
   # --- length and batch ---
   c.batch_size = 64                    # global batch, split over all devices and processes

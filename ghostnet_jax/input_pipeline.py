@@ -39,6 +39,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from ghostnet_jax import datasets as _datasets  # noqa: F401  (registers builders)
+from ghostnet_jax.datasets import folder as _folder
 from ghostnet_jax.registry import IMAGENET_MEAN, IMAGENET_STD
 
 INTERPOLATIONS = {
@@ -287,12 +288,15 @@ def preprocess_train(image: np.ndarray, rng: np.random.Generator,
                      ratio: Sequence[float] = (3 / 4, 4 / 3),
                      interpolation: str = 'bilinear', hflip: bool = True,
                      mean: Sequence[float] = IMAGENET_MEAN,
-                     std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+                     std: Sequence[float] = IMAGENET_STD,
+                     augment: Any = None) -> np.ndarray:
   """Training augmentation of one image.
 
   :func:`random_resized_crop`, then (if ``hflip``) a horizontal flip with
   probability 1/2, then scaling to [0, 1] and normalisation. Every random
-  draw comes from ``rng``.
+  draw comes from ``rng``. ``augment`` (an :class:`ghostnet_jax.augment.Augment`)
+  adds RandAugment / colour jitter after the flip and random erasing after
+  the normalisation; without it the draws are unchanged.
 
   Returns:
     ``(image_size, image_size, 3)`` float32.
@@ -301,7 +305,10 @@ def preprocess_train(image: np.ndarray, rng: np.random.Generator,
                              interpolation)
   if hflip and rng.random() < 0.5:
     crop = crop[:, ::-1]
-  return normalize(crop, mean, std)
+  if augment is None:
+    return normalize(crop, mean, std)
+  crop = augment.image_ops(np.ascontiguousarray(crop), rng)
+  return augment.erase(normalize(crop, mean, std), rng)
 
 
 # ---------------------------------------------------------------------------
@@ -431,9 +438,21 @@ def _feature_keys(builder, dataset: str, image_key: str | None,
   return image_key, label_key
 
 
+def _load_folder(dataset: str, bad_files: str):
+  """``(FolderBuilder, DatasetInfo)`` of ``'folder:/path'``."""
+  builder = _folder.FolderBuilder(dataset, bad_files)
+  names = builder.class_names
+  info = DatasetInfo(name=dataset, num_classes=len(names),
+                     splits=builder.splits(), class_names=names,
+                     data_dir=builder.root)
+  return builder, info
+
+
 def _load(dataset: str, data_dir: str | None, image_key: str | None = None,
-          label_key: str | None = None):
+          label_key: str | None = None, bad_files: str = 'fail'):
   """``(builder, DatasetInfo)``; raises the errors documented below."""
+  if _folder.is_folder(dataset):
+    return _load_folder(dataset, bad_files)
   data_dir = os.fspath(data_dir) if data_dir is not None else None
   builder = _make_builder(dataset, data_dir)
   image_key, label_key = _feature_keys(builder, dataset, image_key, label_key)
@@ -463,8 +482,12 @@ def _load(dataset: str, data_dir: str | None, image_key: str | None = None,
 
 def get_dataset_info(dataset: str, data_dir: str | None = None, *,
                      image_key: str | None = None,
-                     label_key: str | None = None) -> DatasetInfo:
+                     label_key: str | None = None,
+                     bad_files: str = 'fail') -> DatasetInfo:
   """Metadata of a prepared tfds image-classification dataset.
+
+  ``dataset='folder:/path'`` is an image folder instead
+  (:mod:`ghostnet_jax.datasets.folder`; ``bad_files``: 'fail' or 'skip').
 
   Args:
     dataset: tfds name, e.g. ``'imagenet2012'`` or ``'ghostnet_digits'``.
@@ -476,7 +499,7 @@ def get_dataset_info(dataset: str, data_dir: str | None = None, *,
     ValueError: unknown dataset; not prepared in ``data_dir`` (the message
       says where it looked and how to prepare it); no image or label feature.
   """
-  return _load(dataset, data_dir, image_key, label_key)[1]
+  return _load(dataset, data_dir, image_key, label_key, bad_files)[1]
 
 
 def _checked_split(builder, info: DatasetInfo, split: str, data_dir):
@@ -566,13 +589,15 @@ class _TrainTransform:
   mean: tuple[float, float, float]
   std: tuple[float, float, float]
   with_index: bool
+  augment: Any = None  # ghostnet_jax.augment.Augment
 
   def __call__(self, element, rng: np.random.Generator) -> dict[str, Any]:
     index, example = element
     row = {
         'image': preprocess_train(
             example[self.image_key], rng, self.image_size, self.scale,
-            self.ratio, self.interpolation, self.hflip, self.mean, self.std),
+            self.ratio, self.interpolation, self.hflip, self.mean, self.std,
+            self.augment),
         'label': np.int32(example[self.label_key]),
     }
     if self.with_index:
@@ -671,7 +696,9 @@ def train_iterator(*, dataset: str, data_dir: str | None, split: str = 'train',
                    worker_count: int = 0, num_threads: int = 2,
                    prefetch_batches: int = 2, with_index: bool = False,
                    image_key: str | None = None,
-                   label_key: str | None = None) -> BatchIterator:
+                   label_key: str | None = None,
+                   augment: Any = None,
+                   bad_files: str = 'fail') -> BatchIterator:
   """Infinite, resumable, per-process training batches.
 
   The global batch at step ``s`` holds the examples at global positions
@@ -698,10 +725,15 @@ def train_iterator(*, dataset: str, data_dir: str | None, split: str = 'train',
     with_index: also yield ``'index'``, int32 ``(B / P,)`` example indices in
       the split (for tests and debugging).
     image_key, label_key: feature keys (default ``'image'``, ``'label'``).
+    bad_files: for ``'folder:/path'`` datasets, 'fail' or 'skip'.
+    augment: a :class:`ghostnet_jax.augment.Augment` (None: crop and flip
+      only). Its ``mix`` mixes each local batch with a generator keyed on
+      ``(seed, step, process)`` and adds ``'target'``.
 
   Returns:
     An infinite iterator of ``{'image': float32 (B / P, S, S, 3),
-    'label': int32 (B / P,)}``.
+    'label': int32 (B / P,)}`` (plus ``'target'``, float32 ``(B / P, K)``
+    soft labels, with mixup / CutMix).
   """
   if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
     raise ValueError(f'seed must be a non-negative int, got {seed!r}.')
@@ -715,7 +747,7 @@ def train_iterator(*, dataset: str, data_dir: str | None, split: str = 'train',
   _check_mean_std(mean, std)
   process_index, process_count = _processes(process_index, process_count)
   local = _local_batch(global_batch_size, process_count)
-  builder, info = _load(dataset, data_dir, image_key, label_key)
+  builder, info = _load(dataset, data_dir, image_key, label_key, bad_files)
   source, _ = _checked_split(builder, info, split, data_dir)
 
   transform = _TrainTransform(
@@ -723,22 +755,27 @@ def train_iterator(*, dataset: str, data_dir: str | None, split: str = 'train',
       image_size=image_size, scale=scale, ratio=ratio,
       interpolation=interpolation, hflip=bool(hflip),
       mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
-      with_index=with_index)
+      with_index=with_index, augment=augment)
   ds = grain.MapDataset.source(_IndexedSource(source))
   ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat(None)
   ds = ds.random_map(transform, seed=_derive_seed(seed, 1))
   # Row blocks of size B / P: global block s * P + i is process i's step s.
   ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
+  if augment is not None and augment.mix is not None:
+    from ghostnet_jax.augment import BatchMix  # pylint: disable=g-import-not-at-top
+    # Element s of this dataset is this process's step s: keyed on it.
+    ds = ds.random_map(BatchMix(augment.mix),
+                       seed=_derive_seed(seed, 2 + process_index))
   ds = ds[int(start_step):]
   return BatchIterator(
       _to_iter(ds, num_threads, prefetch_batches, worker_count), None)
 
 
 def num_eval_batches(*, dataset: str, data_dir: str | None, split: str,
-                     global_batch_size: int) -> int:
+                     global_batch_size: int, bad_files: str = 'fail') -> int:
   """Steps of one evaluation pass: ``ceil(split size / global_batch_size)``."""
   _local_batch(global_batch_size, 1)
-  builder, info = _load(dataset, data_dir)
+  builder, info = _load(dataset, data_dir, bad_files=bad_files)
   _, size = _checked_split(builder, info, split, data_dir)
   return -(-size // int(global_batch_size))
 
@@ -754,7 +791,8 @@ def eval_iterator(*, dataset: str, data_dir: str | None, split: str,
                   worker_count: int = 0, num_threads: int = 2,
                   prefetch_batches: int = 2, with_index: bool = False,
                   image_key: str | None = None,
-                  label_key: str | None = None) -> BatchIterator:
+                  label_key: str | None = None,
+                  bad_files: str = 'fail') -> BatchIterator:
   """One pass over ``split`` in order, padded so every example counts once.
 
   Global batch ``s`` holds split examples ``[s * B, (s + 1) * B)``; rows past
@@ -771,6 +809,7 @@ def eval_iterator(*, dataset: str, data_dir: str | None, split: str,
     worker_count, num_threads, prefetch_batches: see :func:`train_iterator`.
     with_index: also yield ``'index'`` (int32; -1 for padding).
     image_key, label_key: feature keys.
+    bad_files: for ``'folder:/path'`` datasets, 'fail' or 'skip'.
 
   Returns:
     A finite iterator with ``len()`` of ``{'image': float32 (B / P, S, S, 3),
@@ -782,7 +821,7 @@ def eval_iterator(*, dataset: str, data_dir: str | None, split: str,
   _check_mean_std(mean, std)
   process_index, process_count = _processes(process_index, process_count)
   local = _local_batch(global_batch_size, process_count)
-  builder, info = _load(dataset, data_dir, image_key, label_key)
+  builder, info = _load(dataset, data_dir, image_key, label_key, bad_files)
   source, size = _checked_split(builder, info, split, data_dir)
   num_batches = -(-size // int(global_batch_size))
 

@@ -73,13 +73,16 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from ghostnet_jax import augment  # issue-13 hook
 from ghostnet_jax import checkpoint as ckpt_lib
 from ghostnet_jax import evaluation
+from ghostnet_jax import distill  # issue-13 hook
 from ghostnet_jax import input_pipeline
 from ghostnet_jax import loading
 from ghostnet_jax import ops
 from ghostnet_jax import optim
 from ghostnet_jax import registry
+from ghostnet_jax import remat  # issue-13 hook
 from ghostnet_jax import sharding as shd
 from ghostnet_jax import train_logging
 from ghostnet_jax import utils
@@ -157,6 +160,11 @@ FIELDS = REQUIRED_FIELDS + (
     'num_processes', 'process_id', 'keep_checkpoints',
     'keep_best_checkpoints', 'async_checkpointing', 'eval_every_steps',
     'log_every_steps', 'progress_bar', 'skip_nonfinite_steps')
+FIELDS += (  # issue-13 hook: recipe fields (augment, distill, remat)
+    'rand_augment', 'color_jitter', 'random_erasing', 'mixup', 'cutmix',
+    'mixup_prob', 'mixup_switch_prob', 'teacher', 'teacher_model',
+    'distill_weight', 'distill_temperature', 'distill_type', 'remat',
+    'folder_bad_files')
 
 # Numeric fields: > 0, >= 0, integral, and in [0, 1).
 _POSITIVE = ('batch_size', 'eval_batch_size', 'learning_rate',
@@ -258,6 +266,12 @@ def _check_the_rest(config) -> None:
     raise ConfigError(f'config.init_from: no checkpoint at '
                       f'{config.init_from!r} (a converted directory, a '
                       'PyTorch file or a train.py workdir).')
+  try:  # issue-13 hook: augmentation, distillation and remat fields
+    augment.check_config(config)
+    distill.check_config(config)
+    remat.check_config(config)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def validate_devices(config: ml_collections.ConfigDict, num_devices: int,
@@ -354,7 +368,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, *, num_classes: int,
                     label_smoothing: float, ema_decay: float,
                     seed: int, gather: Callable = lambda t: t,
-                    skip_nonfinite: bool = False) -> Callable:
+                    skip_nonfinite: bool = False,
+                    distill_loss: Callable | None = None) -> Callable:
   """The update ``(state, batch) -> (state, metrics)`` over a global batch.
 
   Dropout keys are ``fold_in(key(seed), step)``: a step's randomness depends
@@ -380,8 +395,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
           gather({'params': params, 'batch_stats': state.batch_stats}),
           batch['image'], train=True, mutable=['batch_stats'],
           rngs={'dropout': rng})
-      loss = cross_entropy(logits, batch['label'], num_classes,
-                           label_smoothing).mean()
+      if 'target' in batch:  # issue-13 hook: mixup/CutMix soft targets
+        loss = optax.softmax_cross_entropy(logits.astype(jnp.float32),
+                                           batch['target']).mean()
+      else:
+        loss = cross_entropy(logits, batch['label'], num_classes,
+                             label_smoothing).mean()
+      if distill_loss is not None:  # issue-13 hook: knowledge distillation
+        loss = loss + distill_loss(logits, batch)
       return loss, (logits, new_vars['batch_stats'])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(
@@ -902,19 +923,25 @@ def _fit(col: str, have: dict, want: dict) -> dict:
 
 
 def compile_train_step(model, tx, schedule, config, num_classes: int,
-                       factory: StateFactory, mesh) -> Callable:
+                       factory: StateFactory, mesh,
+                       teacher: distill.Teacher | None = None) -> Callable:
   """``(state, health, batch) -> (state, health, metrics)`` under
-  ``jax.jit``: sharded as the state, state and health donated."""
+  ``jax.jit``: sharded as the state, state and health donated. With a
+  ``teacher`` (:mod:`ghostnet_jax.distill`) its logits are computed inside the
+  same program and the distillation term is added to the loss; the model's
+  residual blocks are rematerialised as ``config.remat`` says."""
   replicated = shd.replicated(mesh)
   gather = functools.partial(jax.lax.with_sharding_constraint,
                              shardings=replicated)
   step = make_train_step(
-      model, tx, schedule, num_classes=num_classes,
+      remat.wrap(model, config.remat), tx, schedule, num_classes=num_classes,
       label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
       seed=config.seed, gather=gather,
-      skip_nonfinite=config.skip_nonfinite_steps)
-  return jax.jit(
-      _count_nonfinite(step),
+      skip_nonfinite=config.skip_nonfinite_steps,
+      distill_loss=teacher.loss if teacher is not None else None)
+  return distill.jit_train_step(
+      _count_nonfinite(step), teacher, gather=gather,
+      fsdp_min_size=config.fsdp_min_size,
       in_shardings=(factory.sharding, replicated, shd.batch_sharding(mesh)),
       out_shardings=(factory.sharding, replicated, replicated),
       donate_argnums=(0, 1))
@@ -1095,6 +1122,9 @@ class DataSource:
     self.config = config
     self.process_index = process_index
     self.process_count = process_count
+    # issue-13 hook: 'folder:/path' datasets take the bad-file policy.
+    self.folder_kwargs = ({'bad_files': config.folder_bad_files}
+                          if str(config.dataset).startswith('folder:') else {})
     try:
       if config.dataset in DIGITS_ALIASES:
         from ghostnet_jax.datasets import digits  # pylint: disable=g-import-not-at-top
@@ -1103,7 +1133,8 @@ class DataSource:
             image_size=digits.config_size_for(config.image_size))
       else:
         info = self.pipeline.get_dataset_info(config.dataset,
-                                               config.data_dir or None)
+                                               config.data_dir or None,
+                                               **self.folder_kwargs)  # issue-13
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise ConfigError(f'config.dataset={config.dataset!r} '
                         f'(data_dir {config.data_dir!r}): {e}') from None
@@ -1125,6 +1156,11 @@ class DataSource:
       raise ConfigError(
           f'config.batch_size={config.batch_size} is larger than the '
           f'{self.train_size} examples of {config.dataset}:{config.train_split}.')
+    try:  # issue-13 hook: recipe augmentations (None: crop and flip only)
+      self.augment = augment.from_config(config, self.num_classes, self.mean,
+                                         config.interpolation)
+    except ValueError as e:
+      raise ConfigError(str(e)) from None
 
   def train_batches(self, start_step: int) -> Iterator[dict]:
     """Local batches for steps ``start_step, start_step + 1, ...``."""
@@ -1136,7 +1172,8 @@ class DataSource:
         interpolation=c.interpolation, scale=tuple(c.scale),
         ratio=tuple(c.ratio), hflip=c.hflip,
         process_index=self.process_index, process_count=self.process_count,
-        worker_count=c.worker_count))
+        worker_count=c.worker_count, **self.folder_kwargs,
+        **({'augment': self.augment} if self.augment else {})))  # issue-13
 
   def eval_batches(self) -> Iterator[dict]:
     """Local padded eval batches with a ``mask``, one pass over the split."""
@@ -1146,7 +1183,7 @@ class DataSource:
         global_batch_size=c.eval_batch_size, image_size=c.image_size,
         crop_fraction=c.eval_crop_fraction, interpolation=c.interpolation,
         mean=self.mean, std=self.std, process_index=self.process_index,
-        process_count=self.process_count))
+        process_count=self.process_count, **self.folder_kwargs))  # issue-13
 
 
 # The trainer's data source under its former name.
@@ -1161,7 +1198,8 @@ _Input = DataSource
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        data: Data | None = None,
                        model: nn.Module | None = None,
-                       pipeline: Any = None) -> dict:
+                       pipeline: Any = None,
+                       teacher: tuple | None = None) -> dict:
   """Trains ``config.model`` on ``config.dataset``; resumes from ``workdir``.
 
   Args:
@@ -1175,6 +1213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     pipeline: the input module :class:`DataSource` reads
       (``get_dataset_info``, ``train_iterator``, ``eval_iterator``); default
       :mod:`ghostnet_jax.input_pipeline`.
+    teacher: a ``(flax module, variables)`` pair to distil from, instead of
+      ``config.teacher`` (:mod:`ghostnet_jax.distill`).
 
   Returns:
     The final metrics (``step``, ``train_loss``, ``top1``, ``top5``, ...);
@@ -1200,6 +1240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if model is None:
     model = build_model(config, data.num_classes, hosts.num_devices)
   schedule, tx = build_optimizer(config, length)
+  teacher = load_teacher(config, data.num_classes, teacher)
   meta = run_metadata(config, model, data)
 
   # 4. State: the last checks before compute, then create or restore.
@@ -1232,7 +1273,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # 5. Compiled steps.
   train_step = compile_train_step(model, tx, schedule, config,
-                                  data.num_classes, factory, hosts.mesh)
+                                  data.num_classes, factory, hosts.mesh,
+                                  teacher)
   evaluate = functools.partial(evaluate_state, model, data=data,
                                num_classes=data.num_classes, mesh=hosts.mesh)
 
@@ -1241,6 +1283,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       workdir, total_steps=length.total_steps, start_step=start_step,
       enabled=hosts.is_main, progress=config.progress_bar)
   logger.print(_run_banner(config, data, length, hosts, workdir, start_step))
+  if teacher is not None and config.eval_every_steps >= 0 and not start_step:
+    logger.print(_teacher_report(config, teacher, data, hosts.mesh))
   monitor = NonFiniteMonitor(
       NonFiniteMonitor.initial_health(shd.replicated(hosts.mesh)),
       skip=config.skip_nonfinite_steps, log=logger.print,
@@ -1267,6 +1311,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        run_start, hosts.is_main)
   checkpointer.close()
   return final
+
+
+def load_teacher(config, num_classes: int,
+                 teacher: tuple | None = None) -> distill.Teacher | None:
+  """The distillation teacher of ``config.teacher`` (or the given
+  ``(module, variables)`` pair); ``None`` without one."""
+  try:
+    return distill.load_teacher(config, num_classes, teacher=teacher,
+                                dtype=utils.DTYPES[config.dtype])
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _teacher_report(config, teacher: distill.Teacher, data: Data,
+                    mesh) -> str:
+  """The teacher's top-1 on the eval split, logged once at the start."""
+  sums = evaluation.evaluate_batches(teacher.module, teacher.variables,
+                                     data.eval_batches(),
+                                     num_classes=data.num_classes, mesh=mesh)
+  top1 = sums['top1'] / max(sums['count'], 1)
+  return f'Teacher {teacher.name}: {config.eval_split} top-1 {_pct(top1)}'
 
 
 def _run_banner(config, data: Data, length: RunLength, hosts: Hosts,

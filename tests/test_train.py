@@ -402,6 +402,7 @@ def test_bf16_compute_keeps_float32_parameters():
 
 @pytest.mark.parametrize('name', ['default', 'ghostnet_100_imagenet',
                                   'ghostnetv2_100_imagenet',
+                                  'ghostnetv3_100_imagenet',
                                   'g_ghost_regnetx_032_imagenet'])
 def test_configs_parse_and_validate(name):
   import importlib  # pylint: disable=g-import-not-at-top
