@@ -18,6 +18,8 @@ with status 2. See ``ghostnet_jax/eval_lib.py`` for the library.
 import sys
 
 from ghostnet_jax import eval_lib
+from ghostnet_jax import interrupts  # issue-17 hook
 
 if __name__ == '__main__':
+  interrupts.exit_on_interrupt('eval.py')  # issue-17 hook: Ctrl-C exits 130, no traceback
   sys.exit(eval_lib.main())

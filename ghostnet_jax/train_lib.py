@@ -49,7 +49,6 @@ import functools
 import hashlib
 import json
 import os
-import signal
 import time
 from typing import Any, Callable, Iterator
 
@@ -70,6 +69,7 @@ from ghostnet_jax import optim
 from ghostnet_jax import registry
 from ghostnet_jax import sharding as shd
 from ghostnet_jax import train_logging
+from ghostnet_jax import integrity, interrupts, workdir_lock  # issue-17 hook
 
 CONFIG_NAME = ckpt_lib.CONFIG_NAME
 FINAL_METRICS_NAME = 'final_metrics.json'
@@ -138,7 +138,8 @@ FIELDS = REQUIRED_FIELDS + (
     'mesh_shape', 'fsdp_min_size', 'distributed', 'coordinator_address',
     'num_processes', 'process_id', 'keep_checkpoints',
     'keep_best_checkpoints', 'async_checkpointing', 'eval_every_steps',
-    'log_every_steps', 'progress_bar', 'skip_nonfinite_steps')
+    'log_every_steps', 'progress_bar', 'skip_nonfinite_steps',
+    'force_unlock')  # issue-17 hook: force_unlock
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
@@ -454,34 +455,6 @@ def make_eval_step(model: nn.Module, num_classes: int,
   return eval_fn
 
 
-class _Preemption:
-  """SIGTERM -> a flag the loop polls (single process).
-
-  With several processes JAX's preemption sync point (orbax
-  ``reached_preemption``) makes every process stop at the same step; a
-  SIGTERM handler of our own would let processes disagree, so it is only
-  installed for one process.
-  """
-
-  def __init__(self, enable: bool):
-    self.requested = False
-    self._previous = None
-    if enable:
-      try:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-      except ValueError:  # not the main thread
-        self._previous = None
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-
-
 def _to_python(tree) -> dict:
   return {k: float(v) for k, v in jax.device_get(tree).items()}
 
@@ -581,6 +554,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       'dataset_name': data.dataset,  # the tfds name the pipeline reads
       'class_names': list(data.class_names or []),
   }
+  # issue-17 hook: one writer per workdir (process 0 locks, before anything is
+  # written); newer checkpoints failing their integrity check are set aside.
+  workdir_lock.acquire_for_run(
+      workdir, force=config.force_unlock, is_main=is_main,
+      process_count=process_count, prepare=lambda: integrity.select_resume_step(
+          os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)))
   # The last check before compute: a workdir of another model is refused.
   resume_step = check_workdir(workdir, meta)
   if jax.process_count() > 1:
@@ -707,7 +686,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       seen['count'] = h['count']
       return
     raise NonFiniteLossError(_nonfinite_message(
-        h['first_step'], config, schedule, mngr), h['first_step'])
+        h['first_step'], config, schedule, mngr)
+        + integrity.after_restore_hint(  # issue-17 hook
+            h['first_step'], resume_step, str(mngr.directory)),
+        h['first_step'])
 
   # ----------------------------------------------------------------------------
   # Eval
@@ -738,7 +720,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       f'{jax.devices()[0].platform} device(s), {process_count} process(es), '
       f'mesh (data, fsdp) = {mesh_shape}; workdir {workdir}'
       + (f'; resuming from step {start_step}' if start_step else ''))
-  preemption = _Preemption(enable=process_count == 1)
+  preemption = interrupts.Interrupts(enable=process_count == 1)  # issue-17 hook: SIGINT too
   train_iter = data.train_batches(start_step)
   last_train, last_eval, preempted = {}, {}, False
   window_start, window_steps = time.perf_counter(), 0
@@ -788,8 +770,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                               {'top1': eval_metrics['eval_top1']}),
                force=preempted)
         if preempted:
-          logger.print(f'Preempted at step {step}: checkpoint saved in '
-                       f'{mngr.directory}; rerun the same command to resume.')
+          logger.print(preemption.message(step, mngr.directory))  # issue-17 hook
           break
     if do_eval and not preempted and not last_eval:  # resumed past the end
       last_eval = {**evaluate(), 'step': start_step}
@@ -823,10 +804,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   mngr.close()
   if preempted:
     final['preempted'] = True
+    final['interrupted_by'] = preemption.signal_name  # issue-17 hook
     return final
   if is_main:
     _write_json(os.path.join(workdir, FINAL_METRICS_NAME), final)
-    plot = train_logging.plot_metrics(
+    plot = train_logging.finish_report(  # issue-17 hook: never raises
         logger.csv_path, os.path.join(workdir, train_logging.PLOT_NAME))
     train_loss = final['train_loss']
     logger.print(
@@ -892,9 +874,9 @@ class _checkpoint_errors:  # pylint: disable=invalid-name
     raise CheckpointWriteError(
         exc.errno,
         f'Could not write the checkpoint of step {step} to {directory}: '
-        f'{exc.strerror or exc}. Is the disk full or the directory '
-        f'unwritable? The checkpoints committed before (steps {kept}) are '
-        'intact; free space or fix permissions and rerun the same command to '
+        f'{exc.strerror or exc}. {integrity.write_error_cause(exc)} '  # issue-17 hook
+        f'The checkpoints committed before (steps {kept}) are '
+        'intact; once fixed, rerun the same command to '
         f'resume from step {kept[-1] if kept else 0}.') from exc
 
 
