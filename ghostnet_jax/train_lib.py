@@ -558,7 +558,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   # written); newer checkpoints failing their integrity check are set aside.
   workdir_lock.acquire_for_run(
       workdir, force=config.force_unlock, is_main=is_main,
-      process_count=process_count, prepare=lambda: integrity.select_resume_step(
+      process_count=process_count, check=lambda: check_writable(workdir),
+      prepare=lambda: integrity.select_resume_step(
           os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)))
   # The last check before compute: a workdir of another model is refused.
   resume_step = check_workdir(workdir, meta)

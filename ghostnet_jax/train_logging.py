@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
+import time
 from typing import Mapping
 
 CSV_NAME = 'metrics.csv'
@@ -74,7 +75,13 @@ class MetricsLogger:
   def _truncate_csv(self, start_step: int) -> None:
     if not os.path.exists(self.csv_path):
       return
-    rows, skipped = read_metrics_rows(self.csv_path)
+    try:
+      rows, skipped = read_metrics_rows(self.csv_path)
+    except ValueError as e:  # not a metrics CSV at all: keep it, start anew
+      aside = f'{self.csv_path}.malformed.{int(time.time())}'
+      os.replace(self.csv_path, aside)
+      self.print(f'{e} It was moved to {aside}; a new {CSV_NAME} starts.')
+      return
     rows = [r for r in rows if int(r['step']) <= start_step]
     if skipped:
       self.print(f'{self.csv_path}: dropped {skipped} malformed line(s) '

@@ -249,21 +249,23 @@ def acquire(workdir: str, *, force: bool = False) -> WorkdirLock:
 
 
 def acquire_for_run(workdir: str, *, force: bool, is_main: bool,
-                    process_count: int, prepare=None,
+                    process_count: int, check=None, prepare=None,
                     log=print) -> WorkdirLock | None:
   """The trainer's lock: taken by process 0 only; every process raises if
   it could not be taken (so no process waits forever at a barrier).
 
-  ``prepare()`` runs on process 0 once the lock is held and before the
-  other processes go on (the trainer sets bad checkpoints aside there).
+  On process 0, ``check()`` runs first (the trainer proves the workdir
+  writable there, so an unusable one gets its own clear error), and
+  ``prepare()`` once the lock is held, before the other processes go on
+  (the trainer sets bad checkpoints aside there).
 
   Args:
     workdir: the run directory.
     force: ``config.force_unlock``.
     is_main: this is process 0.
     process_count: ``jax.process_count()``.
-    prepare: optional, see above; an exception in it is raised on every
-      process.
+    check, prepare: optional, see above; an exception in them is raised on
+      every process.
     log: where the note about a stale lock taken over goes.
 
   Returns:
@@ -275,6 +277,8 @@ def acquire_for_run(workdir: str, *, force: bool, is_main: bool,
   lock, error = None, None
   if is_main:
     try:
+      if check is not None:
+        check()
       lock = acquire(workdir, force=force)
       if lock.took_over is not None:
         held = lock.took_over

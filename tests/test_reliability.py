@@ -370,3 +370,17 @@ def test_second_sigint_exits_at_once_with_130():
   assert proc.stdout.strip() == 'FIRST True'
   assert 'exits now without saving' in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_resume_with_a_garbage_csv_keeps_it_aside_and_starts_anew(tmp_path):
+  path = tmp_path / train_logging.CSV_NAME
+  path.write_bytes(b'\x00\x01garbage\n12,')
+  logger = train_logging.MetricsLogger(str(tmp_path), total_steps=4,
+                                       start_step=2, progress=False)
+  logger.write(3, {'train_loss': 2.0})
+  logger.close()
+  aside = [n for n in os.listdir(tmp_path) if '.malformed.' in n]
+  assert len(aside) == 1
+  assert (tmp_path / aside[0]).read_bytes() == b'\x00\x01garbage\n12,'
+  rows, skipped = train_logging.read_metrics_rows(str(path))
+  assert [r['step'] for r in rows] == ['3'] and skipped == 0
