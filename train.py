@@ -48,13 +48,15 @@ def main(argv):
         flags.FLAGS['config']))
     print(f'No --workdir given: using {os.path.abspath(workdir)}',
           flush=True)
-  from ghostnet_jax import interrupts, workdir_lock  # pylint: disable=g-import-not-at-top  # issue-17 hook
+  from ghostnet_jax import data_faults, integrity, interrupts, workdir_lock  # pylint: disable=g-import-not-at-top  # issue-17 hook
   interrupts.install_cli_handler()  # issue-17 hook: Ctrl-C saves, twice exits
   try:
     final = train_lib.train_and_evaluate(_CONFIG.value, workdir)
   except (train_lib.ConfigError, train_lib.NonFiniteLossError,
           train_lib.CheckpointWriteError,
-          workdir_lock.WorkdirLockedError) as e:  # issue-17 hook
+          workdir_lock.WorkdirLockedError,
+          data_faults.InputDataError,
+          integrity.CheckpointIntegrityError) as e:  # issue-17 hook
     raise SystemExit(f'error: {e}') from None
   raise SystemExit(interrupts.exit_code(final))  # issue-17 hook: 130 on Ctrl-C
 

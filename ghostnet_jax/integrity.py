@@ -271,15 +271,32 @@ def select_resume_step(ckpt_dir: str, log=print) -> int | None:
   return None
 
 
-def seal_pending(ckpt_dir: str) -> None:
-  """Writes the manifest of every uncommitted (temporary) step directory of
-  ``ckpt_dir`` lacking one: orbax's post-finalization callback."""
+def seal_pending(ckpt_dir: str) -> str | None:
+  """Orbax's post-finalization callback: writes the manifest of the step
+  being finalized, the oldest temporary step directory without one.
+
+  Saves finalize in step order, and the next save's temporary directory may
+  already exist (being written) while one finalizes: only the oldest is
+  complete. Temporary directories of crashed runs are removed when the
+  trainer's manager opens (``cleanup_tmp_directories``).
+
+  Returns:
+    The directory sealed, or None.
+  """
   if not os.path.isdir(ckpt_dir):
-    return
+    return None
+  pending = []
   for name in os.listdir(ckpt_dir):
     d = os.path.join(ckpt_dir, name)
-    if TMP_MARK in name and os.path.isdir(d) and not has_manifest(d):
-      write_manifest(d)
+    head = name.split('.', 1)[0]
+    if (TMP_MARK in name and head.isdigit() and os.path.isdir(d)
+        and not has_manifest(d)):
+      pending.append((int(head), d))
+  if not pending:
+    return None
+  d = min(pending)[1]
+  write_manifest(d)
+  return d
 
 
 def require_intact(ckpt_dir: str, step: int) -> None:

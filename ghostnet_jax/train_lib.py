@@ -69,7 +69,7 @@ from ghostnet_jax import optim
 from ghostnet_jax import registry
 from ghostnet_jax import sharding as shd
 from ghostnet_jax import train_logging
-from ghostnet_jax import integrity, interrupts, workdir_lock  # issue-17 hook
+from ghostnet_jax import data_faults, integrity, interrupts, workdir_lock  # issue-17 hook
 
 CONFIG_NAME = ckpt_lib.CONFIG_NAME
 FINAL_METRICS_NAME = 'final_metrics.json'
@@ -1025,14 +1025,15 @@ class _Input:
   def train_batches(self, start_step: int) -> Iterator[dict]:
     """Local batches for steps ``start_step, start_step + 1, ...``."""
     c = self.config
-    return iter(input_pipeline.train_iterator(
+    return data_faults.named_errors(iter(input_pipeline.train_iterator(  # issue-17 hook
         dataset=self.dataset, data_dir=self.data_dir, split=c.train_split,
         global_batch_size=c.batch_size, image_size=c.image_size, seed=c.seed,
         start_step=start_step, mean=self.mean, std=self.std,
         interpolation=c.interpolation, scale=tuple(c.scale),
         ratio=tuple(c.ratio), hflip=c.hflip,
         process_index=self.process_index, process_count=self.process_count,
-        worker_count=c.worker_count))
+        worker_count=c.worker_count)),
+        dataset=self.dataset, data_dir=self.data_dir, split=c.train_split)  # issue-17 hook
 
   def eval_batches(self) -> Iterator[dict]:
     """Local padded eval batches with a ``mask``, one pass over the split."""

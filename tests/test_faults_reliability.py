@@ -64,6 +64,27 @@ def _csv_is_clean(path) -> list[int]:
   return [int(r['step']) for r in rows]
 
 
+def _wait_committed(workdir, step: int, worker) -> None:
+  deadline = time.monotonic() + 120
+  while not (workdir / ckpt_lib.CHECKPOINT_DIR / str(step)).is_dir():
+    assert time.monotonic() < deadline, worker.text
+    time.sleep(0.05)
+
+
+def _wait_stopped(pid: int) -> None:
+  """Until every thread of ``pid`` is stopped (state T)."""
+  deadline = time.monotonic() + 30
+  while True:
+    states = []
+    for tid in os.listdir(f'/proc/{pid}/task'):
+      with open(f'/proc/{pid}/task/{tid}/stat') as f:
+        states.append(f.read().rsplit(')', 1)[1].split()[0])
+    if all(st in ('T', 't') for st in states):
+      return
+    assert time.monotonic() < deadline, states
+    time.sleep(0.05)
+
+
 def test_second_trainer_is_refused_first_finishes_csv_intact(
     tmp_path, compilation_cache):
   workdir = tmp_path / 'w'
@@ -75,8 +96,10 @@ def test_second_trainer_is_refused_first_finishes_csv_intact(
                    'runs': [{'workdir': str(workdir), 'config': config}]})
   first.wait_for(r'SAVE_STARTED 2')
   first.wait_for(r'BATCH 3')
+  _wait_committed(workdir, 2, first)
   first.proc.send_signal(signal.SIGSTOP)  # hold it mid-run, lock held
   try:
+    _wait_stopped(first.proc.pid)
     before = _hashes(workdir)
     second = _Worker({**base, 'runs': [{'workdir': str(workdir),
                                         'config': config}]})
@@ -108,6 +131,7 @@ def test_kill_9_leaves_a_stale_lock_and_resume_just_works(
   worker = _Worker({**base, 'announce': True, 'runs': runs})
   worker.wait_for(r'SAVE_STARTED 2')
   worker.wait_for(r'BATCH 4')
+  _wait_committed(workdir, 2, worker)
   worker.proc.send_signal(signal.SIGKILL)
   assert worker.finish() == -signal.SIGKILL
   holder = json.loads((workdir / workdir_lock.LOCK_NAME).read_text())
@@ -233,3 +257,42 @@ def test_malformed_csv_at_the_end_then_bit_flip_falls_back(
   assert integrity.verify_dir(str(ckpt_dir))['bad'] == {}
   print('FAULTS end of run: malformed CSV 1x -> reported, run succeeded; '
         'bit flip in array data 1x -> resumed from step 2, bad step kept aside')
+
+
+def _truncating(base, shard, at_step):
+  """``base`` pipeline that truncates ``shard`` to half while fetching the
+  batch of ``at_step`` (a disk or a copy going wrong mid-run)."""
+
+  def train_iterator(**kwargs):
+    step = kwargs['start_step']
+    for batch in base.train_iterator(**kwargs):
+      step += 1
+      if step == at_step:
+        with open(shard, 'r+b') as f:
+          f.truncate(os.path.getsize(shard) // 2)
+      yield batch
+
+  return types.SimpleNamespace(
+      get_dataset_info=base.get_dataset_info,
+      eval_iterator=base.eval_iterator, train_iterator=train_iterator)
+
+
+def test_shard_truncated_mid_run_is_named(tmp_path, tmp_path_factory,
+                                          monkeypatch):
+  import shutil  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path / 'tfds'
+  shutil.copytree(train_test_utils.digits_dir(tmp_path_factory), data_dir)
+  [shard] = [os.path.join(dp, f) for dp, _, fs in os.walk(data_dir)
+             for f in fs if '-train.array_record' in f and '/32/' in dp]
+  monkeypatch.setattr(train_lib, 'input_pipeline',
+                      _truncating(train_lib.input_pipeline, shard, 2))
+  config = train_test_utils.tiny_config(
+      dataset='digits', data_dir=str(data_dir), num_train_steps=12,
+      checkpoint_every_steps=12, eval_every_steps=-1, worker_count=0)
+  from ghostnet_jax import data_faults  # pylint: disable=g-import-not-at-top
+  with pytest.raises(data_faults.InputDataError) as e:
+    train_lib.train_and_evaluate(config, str(tmp_path / 'w'))
+  msg = str(e.value)
+  assert shard in msg and ('truncated?' in msg or 'unreadable' in msg), msg
+  print('FAULTS data: train shard truncated 1x mid-run -> error naming it:',
+        msg[:300])

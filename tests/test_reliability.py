@@ -384,3 +384,16 @@ def test_resume_with_a_garbage_csv_keeps_it_aside_and_starts_anew(tmp_path):
   assert (tmp_path / aside[0]).read_bytes() == b'\x00\x01garbage\n12,'
   rows, skipped = train_logging.read_metrics_rows(str(path))
   assert [r['step'] for r in rows] == ['3'] and skipped == 0
+
+
+def test_seal_pending_seals_only_the_step_being_finalized(tmp_path):
+  """The next save's temporary directory (still being written) is left
+  alone: only the oldest one is complete."""
+  for step in (3, 4):
+    d = tmp_path / f'{step}{integrity.TMP_MARK}'
+    (d / 'state').mkdir(parents=True)
+    (d / 'state' / 'x').write_bytes(b'data')
+  assert integrity.seal_pending(str(tmp_path)) == str(
+      tmp_path / f'3{integrity.TMP_MARK}')
+  assert integrity.has_manifest(str(tmp_path / f'3{integrity.TMP_MARK}'))
+  assert not integrity.has_manifest(str(tmp_path / f'4{integrity.TMP_MARK}'))
