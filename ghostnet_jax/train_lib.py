@@ -69,7 +69,7 @@ from ghostnet_jax import optim
 from ghostnet_jax import registry
 from ghostnet_jax import sharding as shd
 from ghostnet_jax import train_logging
-from ghostnet_jax import data_faults, integrity, interrupts, workdir_lock  # issue-17 hook
+from ghostnet_jax import data_faults, integrity, interrupts, peer_watchdog, workdir_lock  # issue-17 hook
 
 CONFIG_NAME = ckpt_lib.CONFIG_NAME
 FINAL_METRICS_NAME = 'final_metrics.json'
@@ -579,6 +579,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
             f'top-5 {_pct(final.get("top5"))}; see {final_path}. Nothing to '
             'do; use a new --workdir to train again.', flush=True)
     return final
+  watchdog = peer_watchdog.start(workdir, process_index, process_count)  # issue-17 hook
   init_variables = None
   if config.init_from and resume_step is None:
     init_variables = _load_init_from(config, model, num_classes)
@@ -806,6 +807,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if preempted:
     final['preempted'] = True
     final['interrupted_by'] = preemption.signal_name  # issue-17 hook
+    if watchdog is not None: watchdog.done()  # issue-17 hook
     return final
   if is_main:
     _write_json(os.path.join(workdir, FINAL_METRICS_NAME), final)
@@ -823,6 +825,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         f'  metrics:     {os.path.join(workdir, FINAL_METRICS_NAME)}, '
         f'{logger.csv_path}, {os.path.join(workdir, "tensorboard")}\n'
         f'  plot:        {plot}')
+  if watchdog is not None: watchdog.done()  # issue-17 hook
   return final
 
 

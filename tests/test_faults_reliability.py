@@ -296,3 +296,70 @@ def test_shard_truncated_mid_run_is_named(tmp_path, tmp_path_factory,
   assert shard in msg and ('truncated?' in msg or 'unreadable' in msg), msg
   print('FAULTS data: train shard truncated 1x mid-run -> error naming it:',
         msg[:300])
+
+
+class _EnvWorker(_Worker):
+  """A :class:`_Worker` with extra environment variables."""
+
+  def __init__(self, spec, env):
+    import queue  # pylint: disable=g-import-not-at-top
+    import subprocess  # pylint: disable=g-import-not-at-top
+    import threading  # pylint: disable=g-import-not-at-top
+    self.proc = subprocess.Popen(
+        train_test_utils.worker_cmd(spec),
+        env={**train_test_utils.worker_env(), **env},
+        cwd=train_test_utils.ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    self.lines = []
+    self._queue = queue.Queue()
+    threading.Thread(target=self._read, daemon=True).start()
+
+
+PEER_TIMEOUT_S, PEER_HEARTBEAT_S = 20, 2
+
+
+def test_killed_peer_process_ends_the_other_in_bounded_time_then_resume(
+    tmp_path, compilation_cache):
+  """Two processes (gloo, localhost); process 1 is killed mid-run. Process 0
+  must exit within PEER_TIMEOUT_S + PEER_HEARTBEAT_S (+ slack for a loaded
+  machine) naming the lost peer; restarting both resumes and finishes."""
+  workdir = tmp_path / 'w'
+  config = dict(num_train_steps=10, checkpoint_every_steps=2,
+                log_every_steps=2, eval_every_steps=-1, batch_size=16)
+  env = {'GHOSTNET_PEER_TIMEOUT_S': str(PEER_TIMEOUT_S),
+         'GHOSTNET_PEER_HEARTBEAT_S': str(PEER_HEARTBEAT_S)}
+
+  def launch(announce):
+    port = train_test_utils.free_port()
+    return [_EnvWorker({
+        'devices': 1, 'fake_input': True, 'announce': announce,
+        'batch_pause_s': 0.2, 'compilation_cache': compilation_cache,
+        'distributed': {'coordinator': f'localhost:{port}',
+                        'num_processes': 2, 'process_id': i},
+        'runs': [{'workdir': str(workdir), 'config': config}]}, env)
+            for i in range(2)]
+
+  p0, p1 = launch(announce=True)
+  p1.wait_for(r'SAVE_STARTED 2', timeout=600)
+  p1.wait_for(r'BATCH 5')
+  p1.proc.send_signal(signal.SIGKILL)
+  killed_at = time.monotonic()
+  assert p1.finish() == -signal.SIGKILL
+  rc = p0.finish(timeout=PEER_TIMEOUT_S + 120)
+  waited = time.monotonic() - killed_at
+  assert rc != 0, p0.text
+  assert 'lost peer process' in p0.text and 'process 1' in p0.text, (
+      p0.text[-3000:])
+  assert 'Traceback' not in p0.text[-2000:] or rc == 75, p0.text[-3000:]
+  bound = PEER_TIMEOUT_S + PEER_HEARTBEAT_S + 60
+  assert waited < bound, waited
+  committed = _steps_on_disk(workdir / ckpt_lib.CHECKPOINT_DIR)[0]
+  assert committed, 'a checkpoint was committed before the kill'
+  q0, q1 = launch(announce=False)
+  assert q0.finish(timeout=900) == 0, q0.text[-3000:]
+  assert q1.finish(timeout=300) == 0, q1.text[-3000:]
+  assert _resumed_from(q0.text) == committed[-1]
+  assert train_test_utils.parse_result(q0.text)[0]['step'] == 10
+  print(f'FAULTS peer: kill -9 of process 1 (1x): process 0 exited (rc {rc}) '
+        f'{waited:.0f}s later (bound {bound}s); both restarted, resumed from '
+        f'step {committed[-1]} and finished')

@@ -397,3 +397,34 @@ def test_seal_pending_seals_only_the_step_being_finalized(tmp_path):
       tmp_path / f'3{integrity.TMP_MARK}')
   assert integrity.has_manifest(str(tmp_path / f'3{integrity.TMP_MARK}'))
   assert not integrity.has_manifest(str(tmp_path / f'4{integrity.TMP_MARK}'))
+
+
+# ------------------------------------------------------------------------------
+# Peer watchdog (multi-process)
+# ------------------------------------------------------------------------------
+
+
+def test_peer_watchdog_names_a_lost_peer(tmp_path, monkeypatch):
+  import threading  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import peer_watchdog  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(peer_watchdog, 'HEARTBEAT_S', 0.05)
+  monkeypatch.setattr(peer_watchdog, 'PEER_TIMEOUT_S', 0.5)
+  lost = []
+  fired = threading.Event()
+  dog = peer_watchdog.PeerWatchdog(
+      str(tmp_path), 0, 2, on_lost=lambda d, w: (lost.append(d), fired.set()))
+  peer = tmp_path / 'peers' / 'process_1'
+  peer.write_text('alive 1\n')
+  assert dog.lost_peer() is None
+  peer.write_text('done\n')
+  assert dog.lost_peer(now=time.time() + 100) is None  # finished: not waited
+  peer.write_text('exited\n')
+  assert 'process 1 exited with an error' in dog.lost_peer()
+  peer.write_text('alive 1\n')  # then its heartbeat stops: the thread fires
+  t0 = time.monotonic()
+  assert fired.wait(10)
+  assert time.monotonic() - t0 < 2
+  assert 'process 1 stopped responding' in lost[0]
+  dog.done()
+  assert (tmp_path / 'peers' / 'process_0').read_text() == 'done\n'
+  assert peer_watchdog.start(str(tmp_path), 0, 1) is None  # single process
