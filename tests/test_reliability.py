@@ -428,3 +428,26 @@ def test_peer_watchdog_names_a_lost_peer(tmp_path, monkeypatch):
   dog.done()
   assert (tmp_path / 'peers' / 'process_0').read_text() == 'done\n'
   assert peer_watchdog.start(str(tmp_path), 0, 1) is None  # single process
+
+
+_EVAL_CTRL_C = r'''
+import os, signal, sys, time
+sys.path.insert(0, {root!r})
+from ghostnet_jax import interrupts
+interrupts.exit_on_interrupt('eval.py')  # what eval.py installs first
+print('READY', flush=True)
+os.kill(os.getpid(), signal.SIGINT)
+time.sleep(5)
+print('NOT REACHED', flush=True)
+'''
+
+
+def test_eval_ctrl_c_exits_130_without_traceback():
+  proc = subprocess.run([sys.executable, '-c', _EVAL_CTRL_C.format(root=ROOT)],
+                        capture_output=True, text=True, timeout=60)
+  assert proc.returncode == 130
+  assert proc.stdout.strip() == 'READY'
+  assert 'Interrupted (Ctrl-C): eval.py stopped' in proc.stderr
+  assert 'Traceback' not in proc.stderr and 'KeyboardInterrupt' not in proc.stderr
+  with open(os.path.join(ROOT, 'eval.py')) as f:
+    assert "interrupts.exit_on_interrupt('eval.py')" in f.read()
