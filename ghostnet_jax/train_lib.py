@@ -807,7 +807,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   if preempted:
     final['preempted'] = True
     final['interrupted_by'] = preemption.signal_name  # issue-17 hook
-    if watchdog is not None: watchdog.done()  # issue-17 hook
+    if watchdog is not None:  # issue-17 hook
+      watchdog.done()
     return final
   if is_main:
     _write_json(os.path.join(workdir, FINAL_METRICS_NAME), final)
@@ -825,7 +826,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         f'  metrics:     {os.path.join(workdir, FINAL_METRICS_NAME)}, '
         f'{logger.csv_path}, {os.path.join(workdir, "tensorboard")}\n'
         f'  plot:        {plot}')
-  if watchdog is not None: watchdog.done()  # issue-17 hook
+  if watchdog is not None:  # issue-17 hook
+    watchdog.done()
   return final
 
 
