@@ -198,17 +198,17 @@ def test_ctrl_c_mid_compile_and_mid_step_saves_and_resumes_exactly(tmp_path):
 
 
 def _damaging(base, csv_path, at_step):
-  """``base`` pipeline that replaces the metrics CSV by garbage while
-  fetching the batch of ``at_step``."""
+  """``base`` pipeline that appends what a second writer and a crash leave
+  (a second header, a cut row) to the metrics CSV while fetching the batch
+  of ``at_step``."""
 
   def train_iterator(**kwargs):
     step = kwargs['start_step']
     for batch in base.train_iterator(**kwargs):
       step += 1
       if step == at_step:
-        with open(f'{csv_path}.bad', 'wb') as f:
-          f.write(b'\x00\x01garbage;;\nstep,epoch\n12,')
-        os.replace(f'{csv_path}.bad', csv_path)
+        with open(csv_path, 'a') as f:
+          f.write(','.join(train_logging.CSV_COLUMNS) + '\n12,0.5\n')
       yield batch
 
   return types.SimpleNamespace(
@@ -229,7 +229,10 @@ def test_malformed_csv_at_the_end_then_bit_flip_falls_back(
   final = train_lib.train_and_evaluate(config, str(workdir))
   out = capsys.readouterr().out
   assert final['step'] == 4 and np.isfinite(final['train_loss'])
-  assert f'plot:        not drawn: {csv_path} could not be plotted' in out
+  png = str(workdir / train_logging.PLOT_NAME)
+  assert (f'plot:        {png} (skipped 2 malformed line(s) of {csv_path})'
+          in out), out
+  assert os.path.getsize(png) > 0
   assert (workdir / train_lib.FINAL_METRICS_NAME).exists()
   assert _steps_on_disk(ckpt_dir)[0] == [2, 4]
 
@@ -253,7 +256,8 @@ def test_malformed_csv_at_the_end_then_bit_flip_falls_back(
   aside = os.listdir(workdir / integrity.ASIDE_DIR)
   assert any(n.startswith('4.') and not n.endswith('.txt') for n in aside)
   assert _steps_on_disk(ckpt_dir)[0][-2:] == [4, 6]  # 4 rewritten by the rerun
-  assert 'It was moved to' in out  # the garbage CSV, kept aside
+  assert f'{csv_path}: dropped 2 malformed line(s)' in out
+  assert _csv_is_clean(csv_path) == [1, 2, 3, 4, 5, 6]
   assert integrity.verify_dir(str(ckpt_dir))['bad'] == {}
   print('FAULTS end of run: malformed CSV 1x -> reported, run succeeded; '
         'bit flip in array data 1x -> resumed from step 2, bad step kept aside')
