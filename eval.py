@@ -21,4 +21,4 @@ import sys
 from ghostnet_jax import eval_cli
 
 if __name__ == '__main__':
-  sys.exit(eval_cli.main())
+  eval_cli.run()

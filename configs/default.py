@@ -113,4 +113,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 250             # 0: only at the end; -1: never
   c.log_every_steps = 50               # stdout/CSV/TensorBoard; each log syncs the host
   c.progress_bar = True
+  c.force_unlock = False               # take workdir/train.lock even if it looks held (ghostnet_jax/workdir_lock.py)
   return c

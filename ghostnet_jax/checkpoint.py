@@ -27,6 +27,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from ghostnet_jax import integrity
+
 VARIABLES = 'variables'
 METADATA = 'metadata'
 
@@ -61,6 +63,7 @@ def save_converted(path: str | os.PathLike, variables: dict,
         METADATA: ocp.args.JsonSave(metadata),
     }))
     mngr.wait_until_finished()
+  integrity.write_manifest(os.path.join(path, '0'))
 
 
 def is_converted_checkpoint(path: str | os.PathLike) -> bool:
@@ -77,6 +80,7 @@ def restore_converted(path: str | os.PathLike) -> tuple[dict, dict]:
     step = mngr.latest_step()
     if step is None:
       raise FileNotFoundError(f'{path} holds no complete orbax checkpoint.')
+    integrity.require_intact(path, step)
     restored = mngr.restore(step, args=ocp.args.Composite(**{
         VARIABLES: ocp.args.StandardRestore(),
         METADATA: ocp.args.JsonRestore(),
@@ -133,9 +137,11 @@ def train_checkpoint_manager(directory: str | os.PathLike, *, keep: int,
       enable_async_checkpointing=async_save, create=True,
       # A save killed before its commit leaves a ``<step>.orbax-checkpoint-tmp``
       # directory; it is never restored (not a step) and is removed here.
-      cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.abspath(os.fspath(directory)),
-                               options=options, item_handlers=item_handlers())
+      cleanup_tmp_directories=True,
+      async_options=integrity.async_options(directory, async_save))
+  return integrity.SealingCheckpointManager(
+      os.path.abspath(os.fspath(directory)), options=options,
+      item_handlers=item_handlers())
 
 
 def item_handlers() -> dict:
@@ -225,6 +231,7 @@ def restore_workdir(workdir: str | os.PathLike, which: str = 'best',
                        f'{which!r}.')
     if step is None:
       raise FileNotFoundError(f'{ckpt_dir} holds no complete checkpoint.')
+    integrity.require_intact(ckpt_dir, step)
     tree = mngr.item_metadata(step)[STATE].tree
     target = _single_device_target(tree, device)
     restored = mngr.restore(step, args=ocp.args.Composite(**{

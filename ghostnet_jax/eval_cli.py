@@ -201,3 +201,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == '__main__':
   sys.exit(main())
+
+
+def run() -> None:
+  """Script and console-script entry point: Ctrl-C exits 130 without a
+  traceback (:func:`ghostnet_jax.interrupts.exit_on_interrupt`)."""
+  from ghostnet_jax import interrupts  # pylint: disable=g-import-not-at-top
+  interrupts.exit_on_interrupt('eval.py')
+  sys.exit(main())

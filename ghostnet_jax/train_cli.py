@@ -61,11 +61,16 @@ def main(argv):
         flags.FLAGS['config']))
     print(f'No --workdir given: using {os.path.abspath(workdir)}',
           flush=True)
+  from ghostnet_jax import data_faults, integrity, interrupts, workdir_lock  # pylint: disable=g-import-not-at-top
+  interrupts.install_cli_handler()  # Ctrl-C saves and exits 130; twice: at once
   try:
-    train_lib.train_and_evaluate(_CONFIG.value, workdir)
+    final = train_lib.train_and_evaluate(_CONFIG.value, workdir)
   except (train_lib.ConfigError, train_lib.NonFiniteLossError,
-          train_lib.CheckpointWriteError) as e:
+          train_lib.CheckpointWriteError, workdir_lock.WorkdirLockedError,
+          data_faults.InputDataError,
+          integrity.CheckpointIntegrityError) as e:
     raise SystemExit(f'error: {e}') from None
+  raise SystemExit(interrupts.exit_code(final))
 
 
 def run() -> None:

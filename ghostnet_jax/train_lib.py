@@ -59,7 +59,6 @@ import functools
 import hashlib
 import json
 import os
-import signal
 import time
 from typing import Any, Callable, Iterator, Protocol
 
@@ -73,19 +72,24 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from ghostnet_jax import augment  # issue-13 hook
+from ghostnet_jax import augment
 from ghostnet_jax import checkpoint as ckpt_lib
+from ghostnet_jax import data_faults
 from ghostnet_jax import evaluation
-from ghostnet_jax import distill  # issue-13 hook
+from ghostnet_jax import distill
 from ghostnet_jax import input_pipeline
+from ghostnet_jax import integrity
+from ghostnet_jax import interrupts
 from ghostnet_jax import loading
 from ghostnet_jax import ops
 from ghostnet_jax import optim
+from ghostnet_jax import peer_watchdog
 from ghostnet_jax import registry
-from ghostnet_jax import remat  # issue-13 hook
+from ghostnet_jax import remat
 from ghostnet_jax import sharding as shd
 from ghostnet_jax import train_logging
 from ghostnet_jax import utils
+from ghostnet_jax import workdir_lock
 # One implementation each, kept importable from here.
 from ghostnet_jax.evaluation import cross_entropy, make_eval_step, topk_correct  # noqa: F401
 from ghostnet_jax.loading import DIGITS_ALIASES, model_from_config  # noqa: F401
@@ -159,8 +163,9 @@ FIELDS = REQUIRED_FIELDS + (
     'mesh_shape', 'fsdp_min_size', 'distributed', 'coordinator_address',
     'num_processes', 'process_id', 'keep_checkpoints',
     'keep_best_checkpoints', 'async_checkpointing', 'eval_every_steps',
-    'log_every_steps', 'progress_bar', 'skip_nonfinite_steps')
-FIELDS += (  # issue-13 hook: recipe fields (augment, distill, remat)
+    'log_every_steps', 'progress_bar', 'skip_nonfinite_steps',
+    'force_unlock')  # the workdir lock's override
+FIELDS += (  recipe fields (augment, distill, remat)
     'rand_augment', 'color_jitter', 'random_erasing', 'mixup', 'cutmix',
     'mixup_prob', 'mixup_switch_prob', 'teacher', 'teacher_model',
     'distill_weight', 'distill_temperature', 'distill_type', 'remat',
@@ -266,7 +271,7 @@ def _check_the_rest(config) -> None:
     raise ConfigError(f'config.init_from: no checkpoint at '
                       f'{config.init_from!r} (a converted directory, a '
                       'PyTorch file or a train.py workdir).')
-  try:  # issue-13 hook: augmentation, distillation and remat fields
+  try:  augmentation, distillation and remat fields
     augment.check_config(config)
     distill.check_config(config)
     remat.check_config(config)
@@ -395,13 +400,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
           gather({'params': params, 'batch_stats': state.batch_stats}),
           batch['image'], train=True, mutable=['batch_stats'],
           rngs={'dropout': rng})
-      if 'target' in batch:  # issue-13 hook: mixup/CutMix soft targets
+      if 'target' in batch:  mixup/CutMix soft targets
         loss = optax.softmax_cross_entropy(logits.astype(jnp.float32),
                                            batch['target']).mean()
       else:
         loss = cross_entropy(logits, batch['label'], num_classes,
                              label_smoothing).mean()
-      if distill_loss is not None:  # issue-13 hook: knowledge distillation
+      if distill_loss is not None:  knowledge distillation
         loss = loss + distill_loss(logits, batch)
       return loss, (logits, new_vars['batch_stats'])
 
@@ -547,32 +552,6 @@ class Checkpointer:
     self.mngr.close()
 
 
-class _Preemption:
-  """SIGTERM -> a flag the loop polls (single process).
-
-  With several processes JAX's preemption sync point (orbax
-  ``reached_preemption``) makes every process stop at the same step; a
-  SIGTERM handler of our own would let processes disagree, so it is only
-  installed for one process.
-  """
-
-  def __init__(self, enable: bool):
-    self.requested = False
-    self._previous = None
-    if enable:
-      try:
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-      except ValueError:  # not the main thread
-        self._previous = None
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
 
 
 def check_writable(workdir: str) -> None:
@@ -624,9 +603,9 @@ class _checkpoint_errors:  # pylint: disable=invalid-name
     raise CheckpointWriteError(
         exc.errno,
         f'Could not write the checkpoint of step {step} to {directory}: '
-        f'{exc.strerror or exc}. Is the disk full or the directory '
-        f'unwritable? The checkpoints committed before (steps {kept}) are '
-        'intact; free space or fix permissions and rerun the same command to '
+        f'{exc.strerror or exc}. {integrity.write_error_cause(exc)} '
+        f'The checkpoints committed before (steps {kept}) are '
+        'intact; once fixed, rerun the same command to '
         f'resume from step {kept[-1] if kept else 0}.') from exc
 
 
@@ -998,10 +977,11 @@ class LoopResult:
 def train_loop(config, state, *, train_step: Callable, data: Data,
                evaluate: Callable[[Any], dict], checkpointer: Checkpointer,
                monitor: NonFiniteMonitor, logger, length: RunLength,
-               batch_sharding, preemption: '_Preemption',
+               batch_sharding, preemption: interrupts.Interrupts,
                run_start: float) -> LoopResult:
   """Steps ``state.step + 1 .. length.total_steps``: log, eval and save at
-  their intervals; stops after a save on SIGTERM or a preemption notice."""
+  their intervals; stops after a save on SIGTERM, SIGINT or a preemption
+  notice."""
   start_step = int(jax.device_get(state.step))
   total = length.total_steps
   train_iter = data.train_batches(start_step)
@@ -1048,9 +1028,7 @@ def train_loop(config, state, *, train_step: Callable, data: Data,
             None if eval_metrics is None else
             {'top1': eval_metrics['eval_top1']}))
       if preempted:
-        logger.print(f'Preempted at step {step}: checkpoint saved in '
-                     f'{checkpointer.directory}; rerun the same command to '
-                     'resume.')
+        logger.print(preemption.message(step, checkpointer.directory))
         break
   if length.eval_every and not preempted and not last_eval:
     last_eval = {**evaluate(state), 'step': start_step}  # resumed past the end
@@ -1090,7 +1068,7 @@ def final_report(config, workdir: str, result: LoopResult,
   if is_main:
     final_path = os.path.join(workdir, FINAL_METRICS_NAME)
     utils.write_json(final_path, final, sort_keys=True)
-    plot = train_logging.plot_metrics(
+    plot = train_logging.finish_report(  # never turns a finished run into a failure
         logger.csv_path, os.path.join(workdir, train_logging.PLOT_NAME))
     train_loss = final['train_loss']
     logger.print(
@@ -1122,7 +1100,7 @@ class DataSource:
     self.config = config
     self.process_index = process_index
     self.process_count = process_count
-    # issue-13 hook: 'folder:/path' datasets take the bad-file policy.
+    'folder:/path' datasets take the bad-file policy.
     self.folder_kwargs = ({'bad_files': config.folder_bad_files}
                           if str(config.dataset).startswith('folder:') else {})
     try:
@@ -1134,7 +1112,7 @@ class DataSource:
       else:
         info = self.pipeline.get_dataset_info(config.dataset,
                                                config.data_dir or None,
-                                               **self.folder_kwargs)  # issue-13
+                                               **self.folder_kwargs)
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise ConfigError(f'config.dataset={config.dataset!r} '
                         f'(data_dir {config.data_dir!r}): {e}') from None
@@ -1156,7 +1134,7 @@ class DataSource:
       raise ConfigError(
           f'config.batch_size={config.batch_size} is larger than the '
           f'{self.train_size} examples of {config.dataset}:{config.train_split}.')
-    try:  # issue-13 hook: recipe augmentations (None: crop and flip only)
+    try:  recipe augmentations (None: crop and flip only)
       self.augment = augment.from_config(config, self.num_classes, self.mean,
                                          config.interpolation)
     except ValueError as e:
@@ -1165,7 +1143,7 @@ class DataSource:
   def train_batches(self, start_step: int) -> Iterator[dict]:
     """Local batches for steps ``start_step, start_step + 1, ...``."""
     c = self.config
-    return iter(self.pipeline.train_iterator(
+    return data_faults.named_errors(iter(self.pipeline.train_iterator(
         dataset=self.dataset, data_dir=self.data_dir, split=c.train_split,
         global_batch_size=c.batch_size, image_size=c.image_size, seed=c.seed,
         start_step=start_step, mean=self.mean, std=self.std,
@@ -1173,7 +1151,8 @@ class DataSource:
         ratio=tuple(c.ratio), hflip=c.hflip,
         process_index=self.process_index, process_count=self.process_count,
         worker_count=c.worker_count, **self.folder_kwargs,
-        **({'augment': self.augment} if self.augment else {})))  # issue-13
+        **({'augment': self.augment} if self.augment else {}))),
+        dataset=self.dataset, data_dir=self.data_dir, split=c.train_split)
 
   def eval_batches(self) -> Iterator[dict]:
     """Local padded eval batches with a ``mask``, one pass over the split."""
@@ -1183,7 +1162,7 @@ class DataSource:
         global_batch_size=c.eval_batch_size, image_size=c.image_size,
         crop_fraction=c.eval_crop_fraction, interpolation=c.interpolation,
         mean=self.mean, std=self.std, process_index=self.process_index,
-        process_count=self.process_count, **self.folder_kwargs))  # issue-13
+        process_count=self.process_count, **self.folder_kwargs))
 
 
 # The trainer's data source under its former name.
@@ -1244,6 +1223,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   meta = run_metadata(config, model, data)
 
   # 4. State: the last checks before compute, then create or restore.
+  # One writer per workdir: process 0 locks before anything is written; newer
+  # checkpoints that fail their integrity check are set aside.
+  workdir_lock.acquire_for_run(
+      workdir, force=config.force_unlock, is_main=hosts.is_main,
+      process_count=hosts.process_count, check=lambda: check_writable(workdir),
+      prepare=lambda: integrity.select_resume_step(
+          os.path.join(workdir, ckpt_lib.CHECKPOINT_DIR)))
   resume_step = check_workdir(workdir, meta)  # another model's: refused
   if hosts.process_count > 1:
     # check_workdir opens a checkpoint manager (with its own cross-process
@@ -1254,6 +1240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                            hosts.is_main)
   if finished is not None:
     return finished
+  watchdog = peer_watchdog.start(workdir, hosts.process_index,
+                                 hosts.process_count)  # a lost peer: exit
   init_variables = None
   if config.init_from and resume_step is None:
     init_variables = load_init_from(config, model)
@@ -1289,9 +1277,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       NonFiniteMonitor.initial_health(shd.replicated(hosts.mesh)),
       skip=config.skip_nonfinite_steps, log=logger.print,
       describe=lambda first: _nonfinite_message(first, config, schedule,
-                                                checkpointer))
+                                                checkpointer)
+      + integrity.after_restore_hint(first, resume_step,
+                                     checkpointer.directory))
   checkpointer.before_save = monitor.check  # never checkpoint a NaN state
-  preemption = _Preemption(enable=hosts.process_count == 1)
+  preemption = interrupts.Interrupts(enable=hosts.process_count == 1)
   run_start = time.perf_counter()
   try:
     result = train_loop(
@@ -1310,6 +1300,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   final = final_report(config, workdir, result, checkpointer, monitor, logger,
                        run_start, hosts.is_main)
   checkpointer.close()
+  if result.preempted:
+    final['interrupted_by'] = preemption.signal_name
+  if watchdog is not None:
+    watchdog.done()
   return final
 
 

@@ -11,6 +11,14 @@ nothing. Files in the workdir:
 On resume from step ``s`` rows and events after ``s`` (written by a run that
 was stopped after its last checkpoint) are dropped, so the files describe the
 run as if it had not been interrupted.
+
+Only one process writes a workdir (:mod:`ghostnet_jax.workdir_lock`), so
+rows never interleave. Readers (:func:`read_metrics_rows`, the resume
+truncation, :func:`plot_metrics`) still tolerate what a crashed or older run
+leaves: a partial last line, a repeated header, rows that do not parse are
+skipped and counted. Nothing here may turn a finished run into a failure:
+:func:`finish_report` and :meth:`MetricsLogger.close` report problems instead
+of raising.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import csv
 import os
 import sys
+import time
 from typing import Mapping
 
 CSV_NAME = 'metrics.csv'
@@ -66,8 +75,17 @@ class MetricsLogger:
   def _truncate_csv(self, start_step: int) -> None:
     if not os.path.exists(self.csv_path):
       return
-    with open(self.csv_path, newline='') as f:
-      rows = [r for r in csv.DictReader(f) if int(r['step']) <= start_step]
+    try:
+      rows, skipped = read_metrics_rows(self.csv_path)
+    except ValueError as e:  # not a metrics CSV at all: keep it, start anew
+      aside = f'{self.csv_path}.malformed.{int(time.time())}'
+      os.replace(self.csv_path, aside)
+      self.print(f'{e} It was moved to {aside}; a new {CSV_NAME} starts.')
+      return
+    rows = [r for r in rows if int(r['step']) <= start_step]
+    if skipped:
+      self.print(f'{self.csv_path}: dropped {skipped} malformed line(s) '
+                 '(a partial line or a repeated header left by an earlier run).')
     with open(self.csv_path, 'w', newline='') as f:
       writer = csv.DictWriter(f, CSV_COLUMNS)
       writer.writeheader()
@@ -109,15 +127,21 @@ class MetricsLogger:
       print(text, flush=True)
 
   def close(self) -> None:
+    """Flushes and closes everything; a failure is printed, never raised
+    (the run's work is done when this is called)."""
     if not self.enabled:
       return
-    if self._bar is not None:
-      self._bar.close()
-      self._bar = None
-    if self._tb is not None:
-      self._tb.close()
-      self._tb = None
-    self._csv_file.close()
+    for name, closer in (('progress bar', self._bar),
+                         ('TensorBoard writer', self._tb),
+                         ('metrics CSV', self._csv_file)):
+      if closer is None:
+        continue
+      try:
+        closer.close()
+      except Exception as e:  # pylint: disable=broad-except
+        print(f'warning: could not close the {name} in {self.workdir}: '
+              f'{type(e).__name__}: {e}', file=sys.stderr, flush=True)
+    self._bar = self._tb = None
 
 
 def _fmt(v: float) -> str:
@@ -126,8 +150,55 @@ def _fmt(v: float) -> str:
   return f'{float(v):.6g}'
 
 
+def _parse_row(row: dict) -> dict | None:
+  """``row`` with a valid int step and float values, or None."""
+  if None in row or any(v is None for v in row.values()):
+    return None  # too many or too few fields: a partial or foreign line
+  try:
+    int(row['step'])
+    for k, v in row.items():
+      if k != 'step' and v:
+        float(v)
+  except (KeyError, TypeError, ValueError):
+    return None
+  return row
+
+
+def read_metrics_rows(csv_path: str) -> tuple[list[dict], int]:
+  """The good rows of a ``metrics.csv`` and how many lines were skipped.
+
+  Skips what a crashed or concurrent run can leave: a partial last line, a
+  second header, a row with a non-numeric value. Rows keep file order.
+
+  Raises:
+    OSError: the file cannot be read.
+    ValueError: the first line is not the header this module writes.
+  """
+  with open(csv_path, newline='', errors='replace') as f:
+    reader = csv.reader(f)
+    header = next(reader, None)
+    if header is None:
+      return [], 0
+    if not header or header[0] != 'step':
+      raise ValueError(f'{csv_path} does not start with a metrics header '
+                       f'(first line: {",".join(header)[:80]!r}).')
+    rows, skipped = [], 0
+    for fields in reader:
+      if not fields:
+        continue
+      row = _parse_row(dict(zip(header, fields)) if len(fields) == len(
+          header) else {None: fields})
+      if row is None:
+        skipped += 1
+      else:
+        rows.append(row)
+  return rows, skipped
+
+
 def plot_metrics(csv_path: str, png_path: str) -> str:
   """Draws the loss, top-1 and learning-rate curves of ``csv_path``.
+
+  Malformed lines are skipped (:func:`read_metrics_rows`).
 
   Returns:
     ``png_path``.
@@ -136,8 +207,7 @@ def plot_metrics(csv_path: str, png_path: str) -> str:
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  with open(csv_path, newline='') as f:
-    rows = list(csv.DictReader(f))
+  rows, _ = read_metrics_rows(csv_path)
 
   def series(name):
     pts = [(int(r['step']), float(r[name])) for r in rows if r.get(name)]
@@ -164,4 +234,23 @@ def plot_metrics(csv_path: str, png_path: str) -> str:
   fig.tight_layout()
   fig.savefig(png_path, dpi=100)
   plt.close(fig)
+  return png_path
+
+
+def finish_report(csv_path: str, png_path: str) -> str:
+  """Draws the plot after a finished run; never raises.
+
+  Returns:
+    What to print after ``plot:``: ``png_path``, with a note if malformed
+    lines were skipped, or why no plot was drawn (the run's results stand).
+  """
+  try:
+    _, skipped = read_metrics_rows(csv_path)
+    plot_metrics(csv_path, png_path)
+  except Exception as e:  # pylint: disable=broad-except
+    return (f'not drawn: {csv_path} could not be plotted '
+            f'({type(e).__name__}: {e}); the run itself finished and its '
+            'checkpoints and final metrics are saved.')
+  if skipped:
+    return (f'{png_path} (skipped {skipped} malformed line(s) of {csv_path})')
   return png_path

@@ -16,7 +16,8 @@ written), and waits ``batch_pause_s`` after each ``BATCH`` line; ``slow_commit_s
 temporary directory) by that many seconds, so a test can kill the process
 while a checkpoint is half written; ``check_workdir_delay_s`` makes this
 process look at the workdir that many seconds late. Prints one line
-``RESULT <json list of final metrics>``.
+``RESULT <json list of final metrics>``. Like ``train.py``, a Ctrl-C
+(SIGINT) saves and the worker then exits with status 130.
 
 The device count is process-wide, so each test that needs several devices
 runs this script in its own process.
@@ -43,7 +44,9 @@ def main():
   sys.path.insert(0, here)
   sys.path.insert(0, os.path.dirname(here))
   import train_test_utils  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import interrupts  # pylint: disable=g-import-not-at-top
   from ghostnet_jax import train_lib  # pylint: disable=g-import-not-at-top
+  interrupts.install_cli_handler()  # as train.py does
 
   import fake_input  # pylint: disable=g-import-not-at-top
   base = fake_input if spec.get('fake_input') else train_lib.input_pipeline
@@ -77,6 +80,7 @@ def main():
       config.process_id = dist['process_id']
     results.append(train_lib.train_and_evaluate(config, run['workdir']))
   print('RESULT ' + json.dumps(results), flush=True)
+  sys.exit(interrupts.exit_code(results[-1]) if results else 0)
 
 
 if __name__ == '__main__':
