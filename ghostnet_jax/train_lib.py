@@ -165,7 +165,7 @@ FIELDS = REQUIRED_FIELDS + (
     'keep_best_checkpoints', 'async_checkpointing', 'eval_every_steps',
     'log_every_steps', 'progress_bar', 'skip_nonfinite_steps',
     'force_unlock')  # the workdir lock's override
-FIELDS += (  recipe fields (augment, distill, remat)
+FIELDS += (  # recipe fields (augment, distill, remat)
     'rand_augment', 'color_jitter', 'random_erasing', 'mixup', 'cutmix',
     'mixup_prob', 'mixup_switch_prob', 'teacher', 'teacher_model',
     'distill_weight', 'distill_temperature', 'distill_type', 'remat',
@@ -271,7 +271,7 @@ def _check_the_rest(config) -> None:
     raise ConfigError(f'config.init_from: no checkpoint at '
                       f'{config.init_from!r} (a converted directory, a '
                       'PyTorch file or a train.py workdir).')
-  try:  augmentation, distillation and remat fields
+  try:  # augmentation, distillation and remat fields
     augment.check_config(config)
     distill.check_config(config)
     remat.check_config(config)
@@ -400,13 +400,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
           gather({'params': params, 'batch_stats': state.batch_stats}),
           batch['image'], train=True, mutable=['batch_stats'],
           rngs={'dropout': rng})
-      if 'target' in batch:  mixup/CutMix soft targets
+      if 'target' in batch:  # mixup/CutMix soft targets
         loss = optax.softmax_cross_entropy(logits.astype(jnp.float32),
                                            batch['target']).mean()
       else:
         loss = cross_entropy(logits, batch['label'], num_classes,
                              label_smoothing).mean()
-      if distill_loss is not None:  knowledge distillation
+      if distill_loss is not None:  # knowledge distillation
         loss = loss + distill_loss(logits, batch)
       return loss, (logits, new_vars['batch_stats'])
 
@@ -1100,7 +1100,7 @@ class DataSource:
     self.config = config
     self.process_index = process_index
     self.process_count = process_count
-    'folder:/path' datasets take the bad-file policy.
+    # 'folder:/path' datasets take the bad-file policy.
     self.folder_kwargs = ({'bad_files': config.folder_bad_files}
                           if str(config.dataset).startswith('folder:') else {})
     try:
@@ -1134,7 +1134,7 @@ class DataSource:
       raise ConfigError(
           f'config.batch_size={config.batch_size} is larger than the '
           f'{self.train_size} examples of {config.dataset}:{config.train_split}.')
-    try:  recipe augmentations (None: crop and flip only)
+    try:  # recipe augmentations (None: crop and flip only)
       self.augment = augment.from_config(config, self.num_classes, self.mean,
                                          config.interpolation)
     except ValueError as e:
