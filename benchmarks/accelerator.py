@@ -29,6 +29,17 @@ Usage::
 
 Runs unchanged on CPU, GPU and TPU (the compiled column then describes that
 backend). Compiling four training steps takes a few minutes on 2 CPU cores.
+
+``--readiness`` needs no accelerator: for every family it exports
+(``jax.export``, ``platforms=('tpu',)`` and ``('cuda',)``) the train and eval
+steps exactly as ``train.py`` builds them (:func:`train_py_steps`) over a
+``jax.sharding.AbstractMesh`` of 32 devices, ``mesh_shape=(8, 4)`` (data,
+fsdp), with the default ``conv_impl``, and reports custom calls, host
+callbacks, float64 and the lowered FLOPs and bytes per image next to the
+analytic FLOPs. ``tests/test_accelerator_readiness.py`` asserts the same,
+plus the shardings of every parameter and optimizer-state array::
+
+  python benchmarks/accelerator.py --readiness --json readiness.json
 """
 
 from __future__ import annotations
@@ -171,6 +182,234 @@ def analyse(name: str, batch: int, image_size: int) -> dict:
       **layout_ops(lowered.as_text(), compiled.as_text(), batch))
 
 
+# ------------------------------------------------------------------------------
+# Readiness: train.py's own steps exported for TPU and GPU from this host
+# ------------------------------------------------------------------------------
+
+# One case per family: (smallest registered variant, the config it trains
+# with). Families without an ImageNet recipe use the default config.
+READINESS_CASES = {
+    'ghostnet': ('ghostnet_050', 'ghostnet_100_imagenet'),
+    'ghostnetv2': ('ghostnetv2_100', 'ghostnetv2_100_imagenet'),
+    'ghostnetv3': ('ghostnetv3_050', 'default'),
+    'g_ghost': ('g_ghost_regnetx_002', 'g_ghost_regnetx_032_imagenet'),
+    'ghost_resnet': ('ghost_resnet50_s4', 'default'),
+}
+READINESS_MESH = (8, 4)  # (data, fsdp): 32 devices
+# Host callbacks (jax.pure_callback, io_callback, jax.debug.print) lower to a
+# custom call whose target names a callback, or, on TPU, to send / recv ops
+# marked as host transfers; infeed / outfeed also talk to the host.
+_HOST_OPS = re.compile(r'stablehlo\.(send|recv|infeed|outfeed)\b|'
+                       r'_xla_host_transfer')
+
+
+def readiness_config(family: str, image_size: int = 64,
+                     per_device_batch: int = 2):
+  """The config of ``family``'s case, on a (8, 4) mesh at a small size."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  model, module = READINESS_CASES[family]
+  config = importlib.import_module(f'configs.{module}').get_config()
+  config.model = model
+  config.image_size = image_size
+  devices = READINESS_MESH[0] * READINESS_MESH[1]
+  config.batch_size = per_device_batch * devices
+  config.eval_batch_size = per_device_batch * devices
+  config.mesh_shape = READINESS_MESH
+  return config
+
+
+def train_py_steps(config, mesh, num_classes: int,
+                   steps_per_epoch: int = 1000) -> dict:
+  """The train and eval steps as ``train_lib.train_and_evaluate`` jits them.
+
+  Built from the trainer's public pieces (``model_from_config``,
+  ``optim.make_schedule`` / ``make_optimizer``, ``make_train_step`` /
+  ``make_eval_step``, ``sharding.state_shardings``) in the same order and
+  with the same shardings and donation, over ``mesh`` (a ``Mesh`` or an
+  ``AbstractMesh`` with axes ``('data', 'fsdp')``).
+
+  Returns:
+    dict with ``model``, ``train_step`` and ``eval_step`` (the jitted
+    functions), ``train_args`` / ``eval_args`` (abstract arguments:
+    ``jax.ShapeDtypeStruct`` trees) and ``state_sharding``.
+  """
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import optim  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import train_lib  # pylint: disable=g-import-not-at-top
+
+  num_devices = mesh.size
+  total_steps = int(config.num_train_steps if config.num_train_steps > 0
+                    else round(config.num_epochs * steps_per_epoch))
+  warmup_steps = int(config.warmup_steps or
+                     round(config.warmup_epochs * steps_per_epoch))
+  model = train_lib.model_from_config(
+      config, num_classes,
+      bn_batch_groups=train_lib.bn_groups(config, num_devices))
+  schedule = optim.make_schedule(
+      schedule=config.schedule, learning_rate=config.learning_rate,
+      total_steps=total_steps, warmup_steps=warmup_steps,
+      warmup_init_lr=config.warmup_init_lr, end_lr=config.end_lr,
+      decay_steps=config.step_decay_epochs * steps_per_epoch,
+      decay_rate=config.step_decay_rate)
+  tx = optim.make_optimizer(
+      optimizer=config.optimizer, schedule=schedule,
+      momentum=config.momentum, nesterov=config.nesterov,
+      weight_decay=config.weight_decay, decay_all=config.decay_bn_and_bias,
+      rmsprop_decay=config.rmsprop_decay, rmsprop_eps=config.rmsprop_eps,
+      grad_clip_norm=config.grad_clip_norm)
+
+  def init_state(rng):
+    x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    variables = model.init(rng, x, train=False)
+    params, batch_stats = variables['params'], variables['batch_stats']
+    ema = None
+    if config.ema_decay > 0:
+      ema = {'params': params, 'batch_stats': batch_stats}
+    return train_lib.TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+        opt_state=tx.init(params), ema=ema)
+
+  abstract_state = jax.eval_shape(init_state, jax.random.key(0))
+  state_sharding = shd.state_shardings(mesh, abstract_state,
+                                       config.fsdp_min_size)
+  batch_sharding = shd.batch_sharding(mesh)
+  replicated = shd.replicated(mesh)
+  gather = functools.partial(jax.lax.with_sharding_constraint,
+                             shardings=replicated)
+  step_fn = train_lib.make_train_step(
+      model, tx, schedule, num_classes=num_classes,
+      label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
+      seed=config.seed, gather=gather,
+      skip_nonfinite=config.skip_nonfinite_steps)
+  # train.py wraps the step in its device-side count of non-finite steps.
+  count_nonfinite = getattr(train_lib, '_count_nonfinite', None)
+  if count_nonfinite is not None:
+    step_fn = count_nonfinite(step_fn)
+    train_in = (state_sharding, replicated, batch_sharding)
+    train_out = (state_sharding, replicated, replicated)
+    donate = (0, 1)
+  else:
+    train_in = (state_sharding, batch_sharding)
+    train_out = (state_sharding, replicated)
+    donate = (0,)
+  train_step = jax.jit(step_fn, in_shardings=train_in,
+                       out_shardings=train_out, donate_argnums=donate)
+  eval_vars_sharding = (state_sharding.ema if state_sharding.ema is not None
+                        else {'params': state_sharding.params,
+                              'batch_stats': state_sharding.batch_stats})
+  eval_step = jax.jit(train_lib.make_eval_step(model, num_classes, gather),
+                      in_shardings=(eval_vars_sharding, batch_sharding),
+                      out_shardings=replicated)
+
+  size, b, eb = config.image_size, config.batch_size, config.eval_batch_size
+  spec = jax.ShapeDtypeStruct
+  train_batch = {'image': spec((b, size, size, 3), jnp.float32),
+                 'label': spec((b,), jnp.int32)}
+  eval_batch = {'image': spec((eb, size, size, 3), jnp.float32),
+                'label': spec((eb,), jnp.int32),
+                'mask': spec((eb,), jnp.bool_)}
+  health = {'first_step': spec((), jnp.int32), 'count': spec((), jnp.int32)}
+  eval_vars = (abstract_state.ema if abstract_state.ema is not None else
+               {'params': abstract_state.params,
+                'batch_stats': abstract_state.batch_stats})
+  train_args = ((abstract_state, health, train_batch) if count_nonfinite
+                else (abstract_state, train_batch))
+  return dict(model=model, train_step=train_step, eval_step=eval_step,
+              train_args=train_args, eval_args=(eval_vars, eval_batch),
+              state_sharding=state_sharding, abstract_state=abstract_state)
+
+
+def module_problems(text: str) -> dict:
+  """Custom calls, host callbacks and float64 in a StableHLO module's text."""
+  custom = sorted(set(re.findall(
+      r'(?:stablehlo\.)?custom_call\s*@([\w.$-]+)', text)))
+  # Ops only: source locations (loc(...)) may name anything.
+  code = re.sub(r'loc\((?:[^()]|\([^()]*\))*\)', '', text)
+  callbacks = sorted({t for t in custom if 'callback' in t.lower()} |
+                     {m.group(0) for m in _HOST_OPS.finditer(code)})
+  f64 = len(re.findall(r'\bf64\b', text))
+  convs = re.findall(r'stablehlo\.convolution.*?feature_group_count = (\d+)',
+                     text)
+  return dict(custom_calls=custom, callbacks=callbacks, f64_mentions=f64,
+              convolutions=len(convs),
+              grouped_convolutions=sum(int(g) > 1 for g in convs))
+
+
+def export_step(jitted, args, platform: str) -> dict:
+  """``jax.export`` of ``jitted`` for ``platform``, with XLA's cost analysis.
+
+  Returns:
+    dict with the ``jax.export.Exported`` (``exported``), the module
+    problems (:func:`module_problems`), the lowered ``flops`` and ``bytes``
+    (XLA's cost analysis of the platform's lowering, before partitioning:
+    the whole global batch) and ``seconds``.
+  """
+  from jax import export  # pylint: disable=g-import-not-at-top
+  t = time.perf_counter()
+  exported = export.export(jitted, platforms=(platform,))(*args)
+  seconds = time.perf_counter() - t
+  lowered = jitted.trace(*args).lower(lowering_platforms=(platform,))
+  ca = _first(lowered.cost_analysis()) or {}
+  return dict(exported=exported, seconds=seconds,
+              flops=ca.get('flops', float('nan')),
+              bytes=ca.get('bytes accessed', float('nan')),
+              **module_problems(exported.mlir_module()))
+
+
+def readiness(family: str, platforms=('tpu', 'cuda'), image_size: int = 64,
+              num_classes: int = 1000) -> dict:
+  """Exports ``family``'s train.py steps for each platform; one report row.
+
+  The mesh is a ``jax.sharding.AbstractMesh`` of ``READINESS_MESH`` (no
+  devices needed); ``conv_impl`` is the config's (``'auto'``).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import macs as macs_lib  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  config = readiness_config(family, image_size)
+  mesh = jax.sharding.AbstractMesh(
+      READINESS_MESH, shd.MESH_AXES,
+      axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  steps = train_py_steps(config, mesh, num_classes)
+  macs = macs_lib.count_macs(config.model, image_size=image_size,
+                             num_classes=num_classes)
+  row = dict(family=family, model=config.model, config=READINESS_CASES[
+      family][1], conv_impl=config.conv_impl, dtype=config.dtype,
+             image_size=image_size, mesh_shape=READINESS_MESH,
+             batch=config.batch_size, macs_per_image=macs, steps={},
+             _steps=steps, _mesh=mesh)
+  for kind, analytic in (('train', 6 * macs), ('eval', 2 * macs)):
+    jitted, args = steps[f'{kind}_step'], steps[f'{kind}_args']
+    batch = args[-1]['image'].shape[0]
+    for platform in platforms:
+      r = export_step(jitted, args, platform)
+      row['steps'][(kind, platform)] = dict(
+          r, analytic_flops_per_image=analytic,
+          flops_per_image=r['flops'] / batch,
+          bytes_per_image=r['bytes'] / batch)
+  return row
+
+
+def print_readiness(rows: list[dict]) -> None:
+  print(f'jax.export of train.py\'s steps, AbstractMesh {READINESS_MESH} '
+        '(data, fsdp) = 32 devices, default conv_impl; per image: GFLOP '
+        '(analytic = 2 x MACs forward, 6 x MACs train), GB accessed '
+        '(XLA cost analysis of the lowered module, no fusion)')
+  print(f'{"model":<20} {"step":<5} {"platform":<8} {"analytic":>8} '
+        f'{"lowered":>8} {"GB":>7} | custom calls / callbacks / f64')
+  for row in rows:
+    for (kind, platform), r in row['steps'].items():
+      print(f'{row["model"]:<20} {kind:<5} {platform:<8} '
+            f'{r["analytic_flops_per_image"] / 1e9:8.3f} '
+            f'{r["flops_per_image"] / 1e9:8.3f} '
+            f'{r["bytes_per_image"] / 1e9:7.3f} | '
+            f'{len(r["custom_calls"])} / {len(r["callbacks"])} / '
+            f'{r["f64_mentions"]}')
+
+
 def scale(row: dict, bytes_key: str) -> list[dict]:
   """Roofline step time of the ImageNet configurations of ``row['model']``."""
   out = []
@@ -199,7 +438,26 @@ def main(argv=None) -> int:
                  default='compiled',
                  help='bytes per image used for the roofline estimate')
   p.add_argument('--json', default=None, help="path, or '-' for stdout")
+  p.add_argument('--readiness', action='store_true',
+                 help="export train.py's train and eval steps of every "
+                 'family for TPU and GPU on an abstract (8, 4) mesh and '
+                 'report custom calls, callbacks, float64, FLOPs and bytes')
   args = p.parse_args(argv)
+  if args.readiness:
+    rows = [readiness(f, image_size=min(args.image_size, 64))
+            for f in READINESS_CASES]
+    print_readiness(rows)
+    if args.json:
+      keep = ('flops_per_image', 'bytes_per_image', 'analytic_flops_per_image',
+              'custom_calls', 'callbacks', 'f64_mentions', 'convolutions',
+              'grouped_convolutions', 'seconds')
+      out = [dict({k: v for k, v in r.items() if not k.startswith('_')
+                   and k != 'steps'},
+                  steps={f'{k}/{p}': {f: v[f] for f in keep}
+                         for (k, p), v in r['steps'].items()}) for r in rows]
+      with open(args.json, 'w') as f:
+        json.dump(out, f, indent=1)
+    return 0
   rows = [analyse(m, args.batch, args.image_size)
           for m in args.models.split(',') if m]
   bytes_key = f'{args.bytes}_bytes_per_image'
