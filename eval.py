@@ -18,6 +18,8 @@ with status 2. See ``ghostnet_jax/eval_lib.py`` for the library.
 import sys
 
 from ghostnet_jax import eval_lib
+from ghostnet_jax import runtime
 
 if __name__ == '__main__':
+  runtime.enable_compilation_cache()  # GHOSTNET_JAX_CACHE_DIR=off: no cache
   sys.exit(eval_lib.main())

@@ -96,9 +96,11 @@ def test_lowered_flops_match_the_analytic_count(family):
   for (kind, platform), r in row['steps'].items():
     ratio = r['flops_per_image'] / r['analytic_flops_per_image']
     # BatchNorm, activations, pooling, the loss and the optimizer add work
-    # that is not convolution MACs; a missing or duplicated pass would be
-    # < 0.9 or > 1.6.
-    assert 0.9 <= ratio <= 1.6, (row['model'], kind, platform, ratio)
+    # that is not convolution MACs (up to +40% at 64x64); XLA counts a
+    # convolution whose window overlaps the padding by its valid taps only
+    # (Ghost-ResNet-50 at 64x64: 0.89). A missing or duplicated pass (the
+    # weight gradient, say) would be < 0.8 or > 1.6.
+    assert 0.8 <= ratio <= 1.6, (row['model'], kind, platform, ratio)
     assert r['bytes_per_image'] > 0
 
 
