@@ -283,6 +283,32 @@ def flax_worker(name: str, batch: int, mode: str, image_size: int, reps: int,
   return out
 
 
+def first_logits_worker(name: str, batch: int, image_size: int) -> dict:
+  """Time to first logits through the plain API, in a fresh process.
+
+  ``import ghostnet_jax``, ``create_model(name)``, ``init_variables(model,
+  rng=0)``, then the first ``jax.jit(model.apply)(variables, x)`` (trace,
+  compile, run), each in wall seconds, and their total.
+  """
+  t0 = time.perf_counter()
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import ghostnet_jax  # pylint: disable=g-import-not-at-top
+  t1 = time.perf_counter()
+  model = ghostnet_jax.create_model(name)
+  t2 = time.perf_counter()
+  variables = ghostnet_jax.init_variables(model, rng=0)
+  jax.block_until_ready(variables)
+  t3 = time.perf_counter()
+  x = np.zeros((batch, image_size, image_size, 3), np.float32)
+  logits = jax.jit(model.apply)(variables, x)
+  logits.block_until_ready()
+  t4 = time.perf_counter()
+  return dict(import_s=t1 - t0, create_s=t2 - t1, init_s=t3 - t2,
+              first_logits_s=t4 - t3, total_s=t4 - t1,
+              backend=jax.default_backend())
+
+
 # ---------------------------------------------------------------------------
 # PyTorch worker.
 # ---------------------------------------------------------------------------
@@ -353,6 +379,8 @@ def _worker_main(args) -> None:
   try:
     if kind == 'flax':
       result = flax_worker(**spec)
+    elif kind == 'first':
+      result = first_logits_worker(**spec)
     else:
       result = torch_worker(**spec)
   except Exception as e:  # pylint: disable=broad-except
@@ -567,8 +595,42 @@ def parse_args(argv=None):
                  help='run every cell in this process (faster start, but '
                       'cells share allocator state: timings and memory are '
                       'less clean; --quick does this)')
+  p.add_argument('--first-logits', action='store_true',
+                 help='only time create_model + init_variables + the first '
+                 'jax.jit(model.apply) call per model and batch, each '
+                 '--repeats times in a fresh process')
   p.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
+
+
+def first_logits_main(args, models, batches) -> int:
+  """``--first-logits``: the time-to-first-logits table (plain API)."""
+  print('Time to first logits, plain API, fresh process per run (wall s; '
+        f'median of {args.repeats}, min-max of total)')
+  print(f'{"model":<20} {"batch":>5} {"import":>7} {"create":>7} '
+        f'{"init":>7} {"1st jit":>7} {"total":>7} {"min-max":>11}')
+  rows, failed = [], False
+  for name in models:
+    for batch in batches:
+      runs = [run_cell(dict(kind='first', tuned=False, name=name, batch=batch,
+                            image_size=args.image_size), args.cell_timeout)
+              for _ in range(max(args.repeats, 1))]
+      good = sorted((r for r in runs if 'total_s' in r),
+                    key=lambda r: r['total_s'])
+      if not good:
+        print(f'{name:<20} {batch:>5} error: {runs[0].get("error")}')
+        failed = True
+        continue
+      med = good[(len(good) - 1) // 2]
+      rows.append(dict(med, model=name, batch=batch, runs=runs))
+      print(f'{name:<20} {batch:>5} {med["import_s"]:7.2f} '
+            f'{med["create_s"]:7.2f} {med["init_s"]:7.2f} '
+            f'{med["first_logits_s"]:7.2f} {med["total_s"]:7.2f} '
+            f'{good[0]["total_s"]:5.1f}-{good[-1]["total_s"]:<5.1f}')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(dict(first_logits=rows), f, indent=1)
+  return 1 if failed else 0
 
 
 def main(argv=None) -> int:
@@ -578,6 +640,8 @@ def main(argv=None) -> int:
     return 0
   models = [m for m in args.models.split(',') if m]
   batches = [int(b) for b in args.batch.split(',') if b]
+  if args.first_logits:
+    return first_logits_main(args, models, batches)
   image_size, reps, min_time = args.image_size, args.reps, args.min_time
   if args.quick:
     models, batches = list(QUICK['models']), list(QUICK['batches'])
