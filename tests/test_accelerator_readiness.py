@@ -149,3 +149,16 @@ def test_state_carries_the_intended_fsdp_sharding(family):
     for i in jax.tree_util.tree_leaves(eargs[0]):
       want = _intended_spec(exported.in_avals[i].shape, fsdp, min_size)
       assert _norm(ev[i].spec) == want, exported.in_avals[i].shape
+
+
+def test_the_check_sees_cpu_kernels_in_a_cpu_lowering():
+  """The same eval step lowered for the CPU does carry the compiled kernels
+  (custom calls), so the accelerator checks above can fail."""
+  from ghostnet_jax import kernels  # pylint: disable=g-import-not-at-top
+  if not kernels.is_available():
+    pytest.skip('CPU kernels not built (python -m ghostnet_jax.kernels.build)')
+  steps = _row('ghostnet')['_steps']
+  text = steps['eval_step'].trace(*steps['eval_args']).lower(
+      lowering_platforms=('cpu',)).as_text()
+  found = accelerator.module_problems(text)['custom_calls']
+  assert any('depthwise' in c for c in found), found
