@@ -712,11 +712,12 @@ def main(argv=None) -> int:
     pass
   errors = [e for row in rows for e in errors_of(row)]
   if not to_stdout:
+    settings = ('--tuned (tune_malloc in both workers)' if args.tuned
+                else 'plain API, no runtime settings')
     print(f'ratio x = Flax / PyTorch medians over {args.repeats} fresh-'
           f'process runs (better of NCHW and channels_last: "cl" = '
           f'channels_last); spread = min-max of the paired per-run ratios; '
-          f'{"--tuned (tune_malloc in both workers)" if args.tuned else "plain API, no runtime settings"}; '
-          f'load average at the end '
+          f'{settings}; load average at the end '
           f'{info["machine"].get("loadavg_end", ("?",))[0]}')
     for e in errors:
       print('ERROR', e)
