@@ -16,8 +16,6 @@ with status 2. See ``ghostnet_jax/eval_lib.py`` for the library, ``ghostnet_jax/
 for this command line.
 """
 
-import sys
-
 from ghostnet_jax import eval_cli
 
 if __name__ == '__main__':

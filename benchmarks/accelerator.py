@@ -29,6 +29,17 @@ Usage::
 
 Runs unchanged on CPU, GPU and TPU (the compiled column then describes that
 backend). Compiling four training steps takes a few minutes on 2 CPU cores.
+
+``--readiness`` needs no accelerator: for every family it exports
+(``jax.export``, ``platforms=('tpu',)`` and ``('cuda',)``) the train and eval
+steps exactly as ``train.py`` builds them (:func:`train_py_steps`) over a
+``jax.sharding.AbstractMesh`` of 32 devices, ``mesh_shape=(8, 4)`` (data,
+fsdp), with the default ``conv_impl``, and reports custom calls, host
+callbacks, float64 and the lowered FLOPs and bytes per image next to the
+analytic FLOPs. ``tests/test_accelerator_readiness.py`` asserts the same,
+plus the shardings of every parameter and optimizer-state array::
+
+  python benchmarks/accelerator.py --readiness --json readiness.json
 """
 
 from __future__ import annotations
@@ -171,6 +182,182 @@ def analyse(name: str, batch: int, image_size: int) -> dict:
       **layout_ops(lowered.as_text(), compiled.as_text(), batch))
 
 
+# ------------------------------------------------------------------------------
+# Readiness: train.py's own steps exported for TPU and GPU from this host
+# ------------------------------------------------------------------------------
+
+# One case per family: (smallest registered variant, the config it trains
+# with). Families without an ImageNet recipe use the default config.
+READINESS_CASES = {
+    'ghostnet': ('ghostnet_050', 'ghostnet_100_imagenet'),
+    'ghostnetv2': ('ghostnetv2_100', 'ghostnetv2_100_imagenet'),
+    'ghostnetv3': ('ghostnetv3_050', 'default'),
+    'g_ghost': ('g_ghost_regnetx_002', 'g_ghost_regnetx_032_imagenet'),
+    'ghost_resnet': ('ghost_resnet50_s4', 'default'),
+}
+READINESS_MESH = (8, 4)  # (data, fsdp): 32 devices
+# Host callbacks (jax.pure_callback, io_callback, jax.debug.print) lower to a
+# custom call whose target names a callback, or, on TPU, to send / recv ops
+# marked as host transfers; infeed / outfeed also talk to the host.
+_HOST_OPS = re.compile(r'stablehlo\.(send|recv|infeed|outfeed)\b|'
+                       r'_xla_host_transfer')
+
+
+def readiness_config(family: str, image_size: int = 64,
+                     per_device_batch: int = 2):
+  """The config of ``family``'s case, on a (8, 4) mesh at a small size."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  model, module = READINESS_CASES[family]
+  config = importlib.import_module(f'configs.{module}').get_config()
+  config.model = model
+  config.image_size = image_size
+  devices = READINESS_MESH[0] * READINESS_MESH[1]
+  config.batch_size = per_device_batch * devices
+  config.eval_batch_size = per_device_batch * devices
+  config.mesh_shape = READINESS_MESH
+  return config
+
+
+def train_py_steps(config, mesh, num_classes: int,
+                   steps_per_epoch: int = 1000) -> dict:
+  """The train and eval steps exactly as ``train_lib.train_and_evaluate``
+  builds them (its own builders: ``RunLength``, ``build_model``,
+  ``build_optimizer``, ``StateFactory``, ``compile_train_step`` and the
+  evaluator's ``compiled_eval_step``), over ``mesh`` (a ``Mesh`` or an
+  ``AbstractMesh`` with axes ``('data', 'fsdp')``).
+
+  Returns:
+    dict with ``model``, ``train_step`` and ``eval_step`` (the jitted
+    functions), ``train_args`` / ``eval_args`` (abstract arguments:
+    ``jax.ShapeDtypeStruct`` trees carrying the shardings train.py gives
+    them) and ``state_sharding``.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import evaluation  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import train_lib  # pylint: disable=g-import-not-at-top
+
+  length = train_lib.RunLength.of(config, steps_per_epoch * config.batch_size)
+  model = train_lib.build_model(config, num_classes, mesh.size)
+  schedule, tx = train_lib.build_optimizer(config, length)
+  factory = train_lib.StateFactory(config, model, tx, mesh)
+  train_step = train_lib.compile_train_step(model, tx, schedule, config,
+                                            num_classes, factory, mesh)
+  eval_step = evaluation.compiled_eval_step(model, num_classes, mesh)
+  abstract_state = factory.abstract_sharded()
+  state_sharding = factory.sharding
+
+  size, b, eb = config.image_size, config.batch_size, config.eval_batch_size
+  batch_sharding = shd.batch_sharding(mesh)
+  replicated = shd.replicated(mesh)
+
+  def spec(shape, dtype, sharding):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+  train_batch = {'image': spec((b, size, size, 3), jnp.float32, batch_sharding),
+                 'label': spec((b,), jnp.int32, batch_sharding)}
+  eval_batch = {'image': spec((eb, size, size, 3), jnp.float32,
+                              batch_sharding),
+                'label': spec((eb,), jnp.int32, batch_sharding),
+                'mask': spec((eb,), jnp.bool_, batch_sharding)}
+  health = {'first_step': spec((), jnp.int32, replicated),
+            'count': spec((), jnp.int32, replicated)}
+  eval_vars = train_lib.eval_variables(abstract_state)
+  return dict(model=model, train_step=train_step, eval_step=eval_step,
+              train_args=(abstract_state, health, train_batch),
+              eval_args=(eval_vars, eval_batch),
+              state_sharding=state_sharding, abstract_state=abstract_state)
+
+
+def module_problems(text: str) -> dict:
+  """Custom calls, host callbacks and float64 in a StableHLO module's text."""
+  custom = sorted(set(re.findall(
+      r'(?:stablehlo\.)?custom_call\s*@([\w.$-]+)', text)))
+  # Ops only: source locations (loc(...)) may name anything.
+  code = re.sub(r'loc\((?:[^()]|\([^()]*\))*\)', '', text)
+  callbacks = sorted({t for t in custom if 'callback' in t.lower()} |
+                     {m.group(0) for m in _HOST_OPS.finditer(code)})
+  f64 = len(re.findall(r'\bf64\b', text))
+  convs = re.findall(r'stablehlo\.convolution.*?feature_group_count = (\d+)',
+                     text)
+  return dict(custom_calls=custom, callbacks=callbacks, f64_mentions=f64,
+              convolutions=len(convs),
+              grouped_convolutions=sum(int(g) > 1 for g in convs))
+
+
+def export_step(jitted, args, platform: str) -> dict:
+  """``jax.export`` of ``jitted`` for ``platform``, with XLA's cost analysis.
+
+  Returns:
+    dict with the ``jax.export.Exported`` (``exported``), the module
+    problems (:func:`module_problems`), the lowered ``flops`` and ``bytes``
+    (XLA's cost analysis of the platform's lowering, before partitioning:
+    the whole global batch) and ``seconds``.
+  """
+  from jax import export  # pylint: disable=g-import-not-at-top
+  t = time.perf_counter()
+  exported = export.export(jitted, platforms=(platform,))(*args)
+  seconds = time.perf_counter() - t
+  lowered = jitted.trace(*args).lower(lowering_platforms=(platform,))
+  ca = _first(lowered.cost_analysis()) or {}
+  return dict(exported=exported, seconds=seconds,
+              flops=ca.get('flops', float('nan')),
+              bytes=ca.get('bytes accessed', float('nan')),
+              **module_problems(exported.mlir_module()))
+
+
+def readiness(family: str, platforms=('tpu', 'cuda'), image_size: int = 64,
+              num_classes: int = 1000) -> dict:
+  """Exports ``family``'s train.py steps for each platform; one report row.
+
+  The mesh is a ``jax.sharding.AbstractMesh`` of ``READINESS_MESH`` (no
+  devices needed); ``conv_impl`` is the config's (``'auto'``).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import macs as macs_lib  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import sharding as shd  # pylint: disable=g-import-not-at-top
+  config = readiness_config(family, image_size)
+  mesh = jax.sharding.AbstractMesh(
+      READINESS_MESH, shd.MESH_AXES,
+      axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  steps = train_py_steps(config, mesh, num_classes)
+  macs = macs_lib.count_macs(config.model, image_size=image_size,
+                             num_classes=num_classes)
+  row = dict(family=family, model=config.model, config=READINESS_CASES[
+      family][1], conv_impl=config.conv_impl, dtype=config.dtype,
+             image_size=image_size, mesh_shape=READINESS_MESH,
+             batch=config.batch_size, macs_per_image=macs, steps={},
+             _steps=steps, _mesh=mesh)
+  for kind, analytic in (('train', 6 * macs), ('eval', 2 * macs)):
+    jitted, args = steps[f'{kind}_step'], steps[f'{kind}_args']
+    batch = args[-1]['image'].shape[0]
+    for platform in platforms:
+      r = export_step(jitted, args, platform)
+      row['steps'][(kind, platform)] = dict(
+          r, analytic_flops_per_image=analytic,
+          flops_per_image=r['flops'] / batch,
+          bytes_per_image=r['bytes'] / batch)
+  return row
+
+
+def print_readiness(rows: list[dict]) -> None:
+  print(f'jax.export of train.py\'s steps, AbstractMesh {READINESS_MESH} '
+        '(data, fsdp) = 32 devices, default conv_impl; per image: GFLOP '
+        '(analytic = 2 x MACs forward, 6 x MACs train), GB accessed '
+        '(XLA cost analysis of the lowered module, no fusion)')
+  print(f'{"model":<20} {"step":<5} {"platform":<8} {"analytic":>8} '
+        f'{"lowered":>8} {"GB":>7} | custom calls / callbacks / f64')
+  for row in rows:
+    for (kind, platform), r in row['steps'].items():
+      print(f'{row["model"]:<20} {kind:<5} {platform:<8} '
+            f'{r["analytic_flops_per_image"] / 1e9:8.3f} '
+            f'{r["flops_per_image"] / 1e9:8.3f} '
+            f'{r["bytes_per_image"] / 1e9:7.3f} | '
+            f'{len(r["custom_calls"])} / {len(r["callbacks"])} / '
+            f'{r["f64_mentions"]}')
+
+
 def scale(row: dict, bytes_key: str) -> list[dict]:
   """Roofline step time of the ImageNet configurations of ``row['model']``."""
   out = []
@@ -199,7 +386,26 @@ def main(argv=None) -> int:
                  default='compiled',
                  help='bytes per image used for the roofline estimate')
   p.add_argument('--json', default=None, help="path, or '-' for stdout")
+  p.add_argument('--readiness', action='store_true',
+                 help="export train.py's train and eval steps of every "
+                 'family for TPU and GPU on an abstract (8, 4) mesh and '
+                 'report custom calls, callbacks, float64, FLOPs and bytes')
   args = p.parse_args(argv)
+  if args.readiness:
+    rows = [readiness(f, image_size=min(args.image_size, 64))
+            for f in READINESS_CASES]
+    print_readiness(rows)
+    if args.json:
+      keep = ('flops_per_image', 'bytes_per_image', 'analytic_flops_per_image',
+              'custom_calls', 'callbacks', 'f64_mentions', 'convolutions',
+              'grouped_convolutions', 'seconds')
+      out = [dict({k: v for k, v in r.items() if not k.startswith('_')
+                   and k != 'steps'},
+                  steps={f'{k}/{p}': {f: v[f] for f in keep}
+                         for (k, p), v in r['steps'].items()}) for r in rows]
+      with open(args.json, 'w') as f:
+        json.dump(out, f, indent=1)
+    return 0
   rows = [analyse(m, args.batch, args.image_size)
           for m in args.models.split(',') if m]
   bytes_key = f'{args.bytes}_bytes_per_image'

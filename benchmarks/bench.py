@@ -33,9 +33,16 @@ re-parameterised single-branch network; PyTorch: timm's
 ``convert_to_deploy()``) and trains in its training form (the multi-branch
 network one trains).
 
-Every worker calls :func:`ghostnet_jax.runtime.tune_malloc` before JAX or
-PyTorch starts (``--no-tune-malloc`` to compare): both frameworks run with the
-same allocator settings.
+**Plain by default.** Each side runs as a user gets it: the Flax worker
+does ``import ghostnet_jax``, ``create_model`` and ``jax.jit(model.apply)``
+with no environment variables and no :mod:`ghostnet_jax.runtime` calls (what
+``import ghostnet_jax`` does by itself, it does here too); the PyTorch worker
+runs timm's model with ``torch.set_num_threads``. ``--tuned`` measures with
+the extra settings instead: :func:`ghostnet_jax.runtime.tune_malloc` called
+explicitly in both frameworks' workers before they start. Every cell is run
+``--repeats`` times, each time in a fresh process; the table shows the
+median images/s and the ratio of the medians, and the spread (min-max of the
+per-repetition ratios, Flax and PyTorch repetitions paired in run order).
 
 Device-agnostic: on GPU/TPU the Flax cells run on the default device (and
 ``conv_impl='auto'`` picks ``lax``); pass ``--no-torch`` where the PyTorch
@@ -48,6 +55,8 @@ Usage::
   python benchmarks/bench.py --quick                  # CI smoke run, tiny
   python benchmarks/bench.py --json results.json      # also write JSON
   python benchmarks/bench.py --no-torch               # Flax only (GPU/TPU)
+  python benchmarks/bench.py --tuned                  # with runtime settings
+  python benchmarks/bench.py --repeats 5              # more repetitions
 """
 
 from __future__ import annotations
@@ -197,8 +206,12 @@ def _memory_mb(compiled) -> float | None:
 def flax_worker(name: str, batch: int, mode: str, image_size: int, reps: int,
                 min_time: float, conv_impl: str,
                 compiler_options: dict | None = None,
-                fold: bool = False) -> dict:
-  """Compiles and times one Flax cell; returns its measurements."""
+                fold: bool = False, dtype: str | None = None) -> dict:
+  """Compiles and times one Flax cell; returns its measurements.
+
+  ``dtype``: the model's computation dtype (``'bfloat16'``; parameters stay
+  float32); None keeps the model's default (float32).
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -207,6 +220,8 @@ def flax_worker(name: str, batch: int, mode: str, image_size: int, reps: int,
   from ghostnet_jax import inference, ops  # pylint: disable=g-import-not-at-top
 
   kwargs = dict(conv_impl=conv_impl)
+  if dtype is not None:
+    kwargs['dtype'] = jnp.dtype(dtype)
   if mode == 'infer':
     kwargs.update(INFERENCE_KWARGS.get(name, {}))
   model = ghostnet_jax.create_model(name, **kwargs)
@@ -262,6 +277,32 @@ def flax_worker(name: str, batch: int, mode: str, image_size: int, reps: int,
   except Exception:  # pylint: disable=broad-except
     pass
   return out
+
+
+def first_logits_worker(name: str, batch: int, image_size: int) -> dict:
+  """Time to first logits through the plain API, in a fresh process.
+
+  ``import ghostnet_jax``, ``create_model(name)``, ``init_variables(model,
+  rng=0)``, then the first ``jax.jit(model.apply)(variables, x)`` (trace,
+  compile, run), each in wall seconds, and their total.
+  """
+  t0 = time.perf_counter()
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import ghostnet_jax  # pylint: disable=g-import-not-at-top
+  t1 = time.perf_counter()
+  model = ghostnet_jax.create_model(name)
+  t2 = time.perf_counter()
+  variables = ghostnet_jax.init_variables(model, rng=0)
+  jax.block_until_ready(variables)
+  t3 = time.perf_counter()
+  x = np.zeros((batch, image_size, image_size, 3), np.float32)
+  logits = jax.jit(model.apply)(variables, x)
+  logits.block_until_ready()
+  t4 = time.perf_counter()
+  return dict(import_s=t1 - t0, create_s=t2 - t1, init_s=t3 - t2,
+              first_logits_s=t4 - t3, total_s=t4 - t1,
+              backend=jax.default_backend())
 
 
 # ---------------------------------------------------------------------------
@@ -326,7 +367,7 @@ def torch_worker(name: str, batch: int, mode: str, layout: str,
 
 def _worker_main(args) -> None:
   spec = json.loads(args.worker)
-  if spec.pop('tune_malloc'):
+  if spec.pop('tuned'):
     # Before JAX or PyTorch start their threads (see ghostnet_jax.runtime).
     from ghostnet_jax import runtime  # pylint: disable=g-import-not-at-top
     runtime.tune_malloc()
@@ -334,6 +375,8 @@ def _worker_main(args) -> None:
   try:
     if kind == 'flax':
       result = flax_worker(**spec)
+    elif kind == 'first':
+      result = first_logits_worker(**spec)
     else:
       result = torch_worker(**spec)
   except Exception as e:  # pylint: disable=broad-except
@@ -344,7 +387,7 @@ def _worker_main(args) -> None:
 def run_cell_here(spec: dict) -> dict:
   """Runs one cell in this process (``--in-process``)."""
   spec = dict(spec)
-  spec.pop('tune_malloc')
+  spec.pop('tuned')
   kind = spec.pop('kind')
   try:
     return flax_worker(**spec) if kind == 'flax' else torch_worker(**spec)
@@ -371,6 +414,27 @@ def run_cell(spec: dict, timeout: float, in_process: bool = False) -> dict:
       return json.loads(line[len('RESULT '):])
   tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
   return dict(error=f'worker exited {proc.returncode}: ' + ' | '.join(tail))
+
+
+def run_repeated(spec: dict, repeats: int, timeout: float,
+                 in_process: bool = False) -> dict:
+  """``run_cell`` ``repeats`` times; the median run, with the spread.
+
+  Returns the run with the median images/s (all its fields) plus
+  ``images_per_s_min`` / ``images_per_s_max``, ``repeats`` and ``runs``
+  (every run's images/s, in run order; None for a failed run). When every
+  run failed, the first run's error.
+  """
+  runs = [run_cell(spec, timeout, in_process) for _ in range(max(repeats, 1))]
+  good = [r for r in runs if 'images_per_s' in r]
+  if not good:
+    return runs[0]
+  good.sort(key=lambda r: r['images_per_s'])
+  out = dict(good[(len(good) - 1) // 2])
+  out.update(images_per_s_min=good[0]['images_per_s'],
+             images_per_s_max=good[-1]['images_per_s'], repeats=len(runs),
+             runs=[r.get('images_per_s') for r in runs])
+  return out
 
 
 def machine_info() -> dict:
@@ -440,15 +504,22 @@ def summarize(row: dict) -> dict:
       row[f'torch_{mode}_memory_mb'] = best[1].get('memory_mb')
       if 'images_per_s' in flax:
         row[f'{mode}_ratio'] = flax['images_per_s'] / best[1]['images_per_s']
+        pairs = [f / t for f, t in zip(flax.get('runs', ()),
+                                       best[1].get('runs', ())) if f and t]
+        if pairs:
+          row[f'{mode}_ratio_min'] = min(pairs)
+          row[f'{mode}_ratio_max'] = max(pairs)
   return row
 
 
 HEADER = (
-    f'{"model":<20} {"batch":>5} | {"inference img/s":^28} | '
-    f'{"training step img/s":^28} | {"compile s":^13} | '
+    f'{"model":<20} {"batch":>5} | {"inference img/s":^40} | '
+    f'{"training step img/s":^40} | {"compile s":^13} | '
     f'{"peak MB flax/torch":^27}\n'
-    f'{"":<20} {"":>5} | {"flax":>7} {"torch":>7} {"":>4} {"x":>6} | '
-    f'{"flax":>7} {"torch":>7} {"":>4} {"x":>6} | {"inf":>6} {"train":>6} | '
+    f'{"":<20} {"":>5} | {"flax":>7} {"torch":>7} {"":>4} {"x":>6} '
+    f'{"spread":>11} | '
+    f'{"flax":>7} {"torch":>7} {"":>4} {"x":>6} {"spread":>11} | '
+    f'{"inf":>6} {"train":>6} | '
     f'{"inf":>13} {"train":>13}')
 LAYOUT_TAG = {'nchw': 'nchw', 'channels_last': 'cl'}
 
@@ -458,9 +529,12 @@ def format_row(row: dict) -> str:
   for mode in ('infer', 'train'):
     flax = row.get(f'flax_{mode}', {})
     tag = LAYOUT_TAG.get(row.get(f'torch_{mode}_best_layout'), '')
+    lo, hi = row.get(f'{mode}_ratio_min'), row.get(f'{mode}_ratio_max')
+    spread = f'{lo:.2f}-{hi:.2f}' if lo is not None else '-'
     parts.append(f'{_fmt(flax.get("images_per_s"))} '
                  f'{_fmt(row.get(f"torch_{mode}_images_per_s"))} {tag:>4} '
-                 f'{_fmt(row.get(f"{mode}_ratio"), ".2f", 6)} |')
+                 f'{_fmt(row.get(f"{mode}_ratio"), ".2f", 6)} '
+                 f'{spread:>11} |')
   parts.append(f'{_fmt(row.get("flax_infer", {}).get("compile_s"), ".1f", 6)} '
                f'{_fmt(row.get("flax_train", {}).get("compile_s"), ".1f", 6)} |')
   mems = []
@@ -507,15 +581,52 @@ def parse_args(argv=None):
                       'convolutions (ghostnet_jax.inference)')
   p.add_argument('--threads', type=int, default=None,
                  help='torch threads (default: the cores XLA uses)')
-  p.add_argument('--no-tune-malloc', action='store_true',
-                 help='leave glibc malloc at its defaults in the workers')
+  p.add_argument('--tuned', action='store_true',
+                 help='call ghostnet_jax.runtime.tune_malloc in both '
+                 "frameworks' workers (default: each side as a user runs it)")
+  p.add_argument('--repeats', type=int, default=3,
+                 help='fresh-process runs per cell (median and min-max)')
   p.add_argument('--cell-timeout', type=float, default=1800)
   p.add_argument('--in-process', action='store_true',
                  help='run every cell in this process (faster start, but '
                       'cells share allocator state: timings and memory are '
                       'less clean; --quick does this)')
+  p.add_argument('--first-logits', action='store_true',
+                 help='only time create_model + init_variables + the first '
+                 'jax.jit(model.apply) call per model and batch, each '
+                 '--repeats times in a fresh process')
   p.add_argument('--worker', default=None, help=argparse.SUPPRESS)
   return p.parse_args(argv)
+
+
+def first_logits_main(args, models, batches) -> int:
+  """``--first-logits``: the time-to-first-logits table (plain API)."""
+  print('Time to first logits, plain API, fresh process per run (wall s; '
+        f'median of {args.repeats}, min-max of total)')
+  print(f'{"model":<20} {"batch":>5} {"import":>7} {"create":>7} '
+        f'{"init":>7} {"1st jit":>7} {"total":>7} {"min-max":>11}')
+  rows, failed = [], False
+  for name in models:
+    for batch in batches:
+      runs = [run_cell(dict(kind='first', tuned=False, name=name, batch=batch,
+                            image_size=args.image_size), args.cell_timeout)
+              for _ in range(max(args.repeats, 1))]
+      good = sorted((r for r in runs if 'total_s' in r),
+                    key=lambda r: r['total_s'])
+      if not good:
+        print(f'{name:<20} {batch:>5} error: {runs[0].get("error")}')
+        failed = True
+        continue
+      med = good[(len(good) - 1) // 2]
+      rows.append(dict(med, model=name, batch=batch, runs=runs))
+      print(f'{name:<20} {batch:>5} {med["import_s"]:7.2f} '
+            f'{med["create_s"]:7.2f} {med["init_s"]:7.2f} '
+            f'{med["first_logits_s"]:7.2f} {med["total_s"]:7.2f} '
+            f'{good[0]["total_s"]:5.1f}-{good[-1]["total_s"]:<5.1f}')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(dict(first_logits=rows), f, indent=1)
+  return 1 if failed else 0
 
 
 def main(argv=None) -> int:
@@ -525,6 +636,8 @@ def main(argv=None) -> int:
     return 0
   models = [m for m in args.models.split(',') if m]
   batches = [int(b) for b in args.batch.split(',') if b]
+  if args.first_logits:
+    return first_logits_main(args, models, batches)
   image_size, reps, min_time = args.image_size, args.reps, args.min_time
   if args.quick:
     models, batches = list(QUICK['models']), list(QUICK['batches'])
@@ -535,7 +648,9 @@ def main(argv=None) -> int:
     compiler_options = QUICK['compiler_options']
   else:
     compiler_options = None
-  if args.in_process and not args.no_tune_malloc:
+  if args.quick:
+    args.repeats = 1
+  if args.in_process and args.tuned:
     from ghostnet_jax import runtime  # pylint: disable=g-import-not-at-top
     runtime.tune_malloc()  # before any JAX or PyTorch computation
   threads = args.threads or cpu_threads()
@@ -546,7 +661,7 @@ def main(argv=None) -> int:
                                 os.path.relpath(__file__, REPO)]
                                + (argv if argv is not None else sys.argv[1:])),
               image_size=image_size, reps=reps, min_time_s=min_time,
-              torch_threads=threads, tune_malloc=not args.no_tune_malloc,
+              torch_threads=threads, tuned=args.tuned, repeats=args.repeats,
               conv_impl=args.conv_impl, compiler_options=compiler_options,
               fold_batchnorm=args.fold)
   to_stdout = args.json == '-'
@@ -563,7 +678,7 @@ def main(argv=None) -> int:
     print('-' * len(HEADER.splitlines()[1]))
   rows = []
   base = dict(image_size=image_size, reps=reps, min_time=min_time,
-              tune_malloc=not args.no_tune_malloc)
+              tuned=args.tuned)
   for name in models:
     for batch in batches:
       row = dict(model=name, batch=batch)
@@ -571,19 +686,18 @@ def main(argv=None) -> int:
         if mode == 'train' and batch < 2 and name.startswith('g_ghost'):
           row[f'flax_{mode}'] = dict(skipped='G-Ghost trains with batch >= 2')
           continue
-        row[f'flax_{mode}'] = run_cell(
+        row[f'flax_{mode}'] = run_repeated(
             dict(base, kind='flax', name=name, batch=batch, mode=mode,
                  conv_impl=args.conv_impl, compiler_options=compiler_options,
                  fold=args.fold),
-            args.cell_timeout,
-            args.in_process)
+            args.repeats, args.cell_timeout, args.in_process)
         if args.no_torch:
           continue
         for layout in ('nchw', 'channels_last'):
-          row[f'torch_{mode}_{layout}'] = run_cell(
+          row[f'torch_{mode}_{layout}'] = run_repeated(
               dict(base, kind='torch', name=name, batch=batch, mode=mode,
-                   layout=layout, threads=threads), args.cell_timeout,
-              args.in_process)
+                   layout=layout, threads=threads), args.repeats,
+              args.cell_timeout, args.in_process)
       summarize(row)
       rows.append(row)
       if not to_stdout:
@@ -594,8 +708,12 @@ def main(argv=None) -> int:
     pass
   errors = [e for row in rows for e in errors_of(row)]
   if not to_stdout:
-    print(f'ratio x = Flax / PyTorch (better of NCHW and channels_last: '
-          f'"cl" = channels_last); load average at the end '
+    settings = ('--tuned (tune_malloc in both workers)' if args.tuned
+                else 'plain API, no runtime settings')
+    print(f'ratio x = Flax / PyTorch medians over {args.repeats} fresh-'
+          f'process runs (better of NCHW and channels_last: "cl" = '
+          f'channels_last); spread = min-max of the paired per-run ratios; '
+          f'{settings}; load average at the end '
           f'{info["machine"].get("loadavg_end", ("?",))[0]}')
     for e in errors:
       print('ERROR', e)

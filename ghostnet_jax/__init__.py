@@ -1,5 +1,12 @@
 """GhostNet family in JAX/Flax: models, registry, PyTorch checkpoint converter."""
 
+# First, before anything starts JAX's threads: glibc malloc settings that keep
+# XLA:CPU's per-call buffers mapped (ghostnet_jax.runtime; opt out with
+# GHOSTNET_JAX_TUNE_MALLOC=0).
+from ghostnet_jax import runtime as _runtime
+
+_runtime.tune_malloc_at_import()
+
 # Importing the model files registers their named variants.
 from ghostnet_jax import g_ghost  # noqa: F401
 from ghostnet_jax import ghost_resnet  # noqa: F401

@@ -206,6 +206,7 @@ if __name__ == '__main__':
 def run() -> None:
   """Script and console-script entry point: Ctrl-C exits 130 without a
   traceback (:func:`ghostnet_jax.interrupts.exit_on_interrupt`)."""
-  from ghostnet_jax import interrupts  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import interrupts, runtime  # pylint: disable=g-import-not-at-top
   interrupts.exit_on_interrupt('eval.py')
+  runtime.enable_compilation_cache()  # GHOSTNET_JAX_CACHE_DIR=off: no cache
   sys.exit(main())

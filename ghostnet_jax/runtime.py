@@ -1,7 +1,16 @@
 """Process-wide settings that make the models faster to run and to start.
 
-Call them once at the top of a program (a training or benchmark script),
-before the first JAX computation::
+``import ghostnet_jax`` applies :func:`tune_malloc` itself (see
+:func:`tune_malloc_at_import`): a user of the plain API
+(``jax.jit(create_model(name).apply)``) gets the fast allocator settings
+without knowing about them. Set ``GHOSTNET_JAX_TUNE_MALLOC=0`` to leave glibc
+malloc alone. If JAX's backend is already running when the package is first
+imported, the settings only partly apply and a ``RuntimeWarning`` says so:
+import ``ghostnet_jax`` before the first JAX computation. ``train.py`` and
+``eval.py`` also turn on the persistent compilation cache.
+
+Programs may call them explicitly, once at the top, before the first JAX
+computation::
 
   from ghostnet_jax import runtime
   runtime.tune_malloc()                 # before JAX starts its threads
@@ -34,6 +43,7 @@ import ctypes
 import ctypes.util
 import os
 import sys
+import warnings
 
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -42,6 +52,16 @@ _M_ARENA_MAX = -8
 _INT_MAX = 2**31 - 1
 
 CACHE_ENV = 'GHOSTNET_JAX_CACHE_DIR'
+TUNE_ENV = 'GHOSTNET_JAX_TUNE_MALLOC'
+# glibc reads these at start-up; a user who set one chose the allocator.
+_MALLOC_ENV = ('MALLOC_ARENA_MAX', 'MALLOC_MMAP_THRESHOLD_',
+               'MALLOC_TRIM_THRESHOLD_')
+_OFF = ('0', 'false', 'no', 'off', '')
+# What tune_malloc_at_import did: None before it ran, then one of
+# 'applied', 'late' (applied after JAX's backend started: partly effective),
+# 'disabled' (GHOSTNET_JAX_TUNE_MALLOC=0), 'user' (MALLOC_* variables set),
+# 'unavailable' (not glibc).
+import_status: str | None = None
 
 
 def _libc():
@@ -84,6 +104,53 @@ def tune_malloc(arenas: int = 1, mmap_threshold: int = _INT_MAX,
   return bool(ok)
 
 
+def jax_backend_started() -> bool:
+  """True when JAX has created a backend (and with it XLA's thread pools)."""
+  if 'jax' not in sys.modules:
+    return False
+  try:
+    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  return bool(getattr(xla_bridge, '_backends', None))
+
+
+def tune_malloc_at_import() -> str:
+  """:func:`tune_malloc` for ``import ghostnet_jax``; returns what it did.
+
+  Skipped when ``GHOSTNET_JAX_TUNE_MALLOC`` is ``0``/``false``/``off`` or
+  when any of ``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``,
+  ``MALLOC_TRIM_THRESHOLD_`` is set (the user chose). When JAX's backend
+  already runs, XLA's worker threads keep the arenas they have: the
+  thresholds still apply, the single arena does not, and a
+  ``RuntimeWarning`` names the fix. The result is also kept in
+  :data:`import_status`.
+  """
+  global import_status
+  if os.environ.get(TUNE_ENV, '1').strip().lower() in _OFF:
+    status = 'disabled'
+  elif any(k in os.environ for k in _MALLOC_ENV):
+    status = 'user'
+  else:
+    late = jax_backend_started()
+    if not tune_malloc():
+      status = 'unavailable'
+    elif late:
+      status = 'late'
+      warnings.warn(
+          'ghostnet_jax was imported after JAX started its backend, so its '
+          'malloc tuning only partly applies (XLA:CPU calls may run up to '
+          '~20% slower): import ghostnet_jax before the first JAX '
+          'computation, or start Python with MALLOC_ARENA_MAX=1 '
+          'MALLOC_MMAP_THRESHOLD_=2147483647 '
+          'MALLOC_TRIM_THRESHOLD_=2147483647; set '
+          f'{TUNE_ENV}=0 to silence this.', RuntimeWarning, stacklevel=3)
+    else:
+      status = 'applied'
+  import_status = status
+  return status
+
+
 def default_cache_dir() -> str:
   """``$GHOSTNET_JAX_CACHE_DIR``, else ``~/.cache/ghostnet_jax/xla``."""
   return os.environ.get(CACHE_ENV) or os.path.join(
@@ -91,8 +158,14 @@ def default_cache_dir() -> str:
 
 
 def enable_compilation_cache(path: str | None = None,
-                             min_compile_time_s: float = 1.0) -> str:
+                             min_compile_time_s: float = 1.0) -> str | None:
   """Turns on JAX's persistent compilation cache; returns its directory.
+
+  ``train.py`` and ``eval.py`` call this by default. Setting
+  ``GHOSTNET_JAX_CACHE_DIR=off`` (or ``0``) turns it off: nothing is
+  changed and None is returned. A cache directory the user already gave JAX
+  (``jax_compilation_cache_dir``, e.g. ``JAX_COMPILATION_CACHE_DIR``) is
+  kept when ``path`` is None.
 
   Args:
     path: cache directory (created if needed); default
@@ -101,6 +174,10 @@ def enable_compilation_cache(path: str | None = None,
       compile are stored.
   """
   import jax  # pylint: disable=g-import-not-at-top
+  if path is None and os.environ.get(CACHE_ENV, 'x').strip().lower() in _OFF:
+    return None
+  if path is None and jax.config.jax_compilation_cache_dir:
+    path = jax.config.jax_compilation_cache_dir
   path = os.path.abspath(path or default_cache_dir())
   os.makedirs(path, exist_ok=True)
   jax.config.update('jax_compilation_cache_dir', path)

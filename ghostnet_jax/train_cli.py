@@ -53,6 +53,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {" ".join(argv[1:])}')
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # library INFO lines: -v 0 shows them
+  from ghostnet_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.enable_compilation_cache()  # GHOSTNET_JAX_CACHE_DIR=off: no cache
   from ghostnet_jax import train_lib  # pylint: disable=g-import-not-at-top
 
   workdir = _WORKDIR.value

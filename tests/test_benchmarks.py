@@ -70,3 +70,20 @@ def test_json_has_finite_positive_measurements(quick_run):
     best = row[f'torch_{mode}_images_per_s']
     assert math.isclose(row[f'{mode}_ratio'],
                         row[f'flax_{mode}']['images_per_s'] / best)
+
+
+def test_first_logits_table(tmp_path):
+  out = tmp_path / 'first.json'
+  proc = subprocess.run(
+      [sys.executable, BENCH, '--first-logits', '--models', 'ghostnet_050',
+       '--batch', '1', '--image-size', '32', '--repeats', '1', '--json',
+       str(out)], capture_output=True, text=True, timeout=600, cwd=REPO,
+      check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert any(line.startswith('ghostnet_050') for line in
+             proc.stdout.splitlines())
+  with open(out) as f:
+    (row,) = json.load(f)['first_logits']
+  parts = [row[k] for k in ('create_s', 'init_s', 'first_logits_s')]
+  assert all(_positive(v) for v in parts + [row['total_s']])
+  assert math.isclose(sum(parts), row['total_s'], rel_tol=1e-6)

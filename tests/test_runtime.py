@@ -18,6 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FAULTS = textwrap.dedent('''
     import resource, sys
     sys.path.insert(0, {repo!r})
+    import ghostnet_jax
     from ghostnet_jax import runtime
     if {tune}:
       assert runtime.tune_malloc()
@@ -34,22 +35,59 @@ _FAULTS = textwrap.dedent('''
 ''')
 
 
-def _run(code: str) -> str:
+_MALLOC_VARS = ('GHOSTNET_JAX_TUNE_MALLOC', 'MALLOC_ARENA_MAX',
+                'MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_')
+
+
+def _run(code: str, env: dict | None = None) -> str:
+  """Runs ``code`` in a fresh process (no malloc variables unless given)."""
+  full = {k: v for k, v in os.environ.items() if k not in _MALLOC_VARS}
+  full.update(env or {})
   proc = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                        text=True, timeout=300, check=False)
+                        text=True, timeout=300, check=False, env=full)
   assert proc.returncode == 0, proc.stderr
   return proc.stdout.strip().splitlines()[-1]
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc')
 def test_tune_malloc_stops_page_faults_on_repeated_calls():
-  default = int(_run(_FAULTS.format(repo=REPO, tune=False)))
-  tuned = int(_run(_FAULTS.format(repo=REPO, tune=True)))
+  off = {'GHOSTNET_JAX_TUNE_MALLOC': '0'}
+  default = int(_run(_FAULTS.format(repo=REPO, tune=False), off))
+  tuned = int(_run(_FAULTS.format(repo=REPO, tune=True), off))
+  # The plain API: `import ghostnet_jax` applies the settings by itself.
+  plain = int(_run(_FAULTS.format(repo=REPO, tune=False)))
   # 64 MB of fresh pages is ~16,000 faults: by default every call faults them
   # in again; with the settings the heap keeps them (some calls may still
   # fault while the heap's free space settles).
   assert default > 4000, default
   assert tuned < 500, tuned
+  assert plain < 500, plain
+
+
+_STATUS = textwrap.dedent('''
+    import sys, warnings
+    sys.path.insert(0, {repo!r})
+    warnings.simplefilter('error', RuntimeWarning)
+    if {jax_first}:
+      import jax, jax.numpy as jnp
+      jnp.zeros(2).block_until_ready()   # the backend and its threads start
+    try:
+      import ghostnet_jax
+      print('no-warning', ghostnet_jax.runtime.import_status)
+    except RuntimeWarning as w:
+      print('warning', 'import ghostnet_jax before' in str(w))
+''')
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc')
+@pytest.mark.parametrize('jax_first,env,want', [
+    (False, {}, 'no-warning applied'),
+    (True, {}, 'warning True'),
+    (True, {'GHOSTNET_JAX_TUNE_MALLOC': '0'}, 'no-warning disabled'),
+    (False, {'MALLOC_ARENA_MAX': '4'}, 'no-warning user'),
+])
+def test_import_tunes_malloc_or_says_why_not(jax_first, env, want):
+  assert _run(_STATUS.format(repo=REPO, jax_first=jax_first), env) == want
 
 
 def test_compilation_cache_is_written_and_reused(tmp_path):
@@ -70,3 +108,18 @@ def test_compilation_cache_is_written_and_reused(tmp_path):
   second = subprocess.run([sys.executable, '-c', code], capture_output=True,
                           text=True, timeout=300, check=False)
   assert second.stdout.split()[-2] == first.stdout.split()[-2]
+
+
+def test_compilation_cache_default_dir_and_opt_out(tmp_path):
+  code = textwrap.dedent(f'''
+      import sys
+      sys.path.insert(0, {REPO!r})
+      from ghostnet_jax import runtime
+      import jax
+      path = runtime.enable_compilation_cache()
+      print(path, jax.config.jax_compilation_cache_dir)
+  ''')
+  on = _run(code, {'GHOSTNET_JAX_CACHE_DIR': str(tmp_path / 'xla')})
+  assert on.split() == [str(tmp_path / 'xla')] * 2
+  off = _run(code, {'GHOSTNET_JAX_CACHE_DIR': 'off'})
+  assert off.split()[0] == 'None' and off.split()[1] != str(tmp_path / 'xla')
