@@ -17,10 +17,16 @@ PyTorch does. How the convolution is *computed* is a separate choice, the
 * ``'ffi'``: like ``'xla'``, but depthwise convolutions (forward and both
   gradients) run in the package's compiled CPU kernels
   (:mod:`ghostnet_jax.kernels`) when they are built; otherwise ``'xla'``.
-* ``'auto'`` (the default everywhere): ``'ffi'`` on a single CPU device,
-  ``'xla'`` on several CPU devices (the compiled kernels have no partitioning
+* ``'auto'`` (the default everywhere): chosen per *lowering platform* with
+  :func:`jax.lax.platform_dependent`, so one traced function is right on
+  every platform (a graph traced on a CPU host and exported for GPU or TPU
+  carries no CPU kernel). In the CPU lowering: ``'ffi'`` with a single CPU
+  device, ``'xla'`` with several (the compiled kernels have no partitioning
   rule, so under a sharded ``jit`` every device would compute the whole batch;
-  inside ``shard_map`` pass ``'ffi'`` explicitly), ``'lax'`` on GPU and TPU.
+  inside ``shard_map`` pass ``'ffi'`` explicitly); ``'lax'`` everywhere else.
+  Only the branch of the platform being compiled reaches the compiler.
+  :func:`auto_on_cpu` overrides the CPU choice (the exporter uses ``'xla'``
+  so a serialized artifact holds no custom call).
 
 All lowerings agree to floating-point rounding; ``tests/test_ops.py`` checks
 values and gradients against ``'lax'``.
@@ -28,6 +34,9 @@ values and gradients against ``'lax'``.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 from typing import Sequence
 
 import jax
@@ -42,8 +51,38 @@ MAX_SPLIT_GROUPS = 64
 Padding = Sequence[tuple[int, int]]
 
 
-def resolve_impl(impl: str) -> str:
-  """Maps ``'auto'`` to the lowering for the default backend.
+# What ``'auto'`` means in the CPU lowering; None: ``'ffi'`` on one CPU
+# device, ``'xla'`` on several. Set with :func:`auto_on_cpu`.
+_AUTO_CPU: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    'ghostnet_jax_auto_on_cpu', default=None)
+
+
+@contextlib.contextmanager
+def auto_on_cpu(impl: str):
+  """Within the block, ``'auto'`` lowers to ``impl`` on CPU (traced there).
+
+  ``impl`` is ``'lax'``, ``'xla'`` or ``'ffi'``. Other platforms keep
+  ``'lax'``. Used by :mod:`ghostnet_jax.export` with ``'xla'``: serialized
+  code must not call the package's compiled kernels. The choice is made when
+  a function is traced, and ``jax.jit`` caches traces: trace a new function
+  inside the block.
+  """
+  if impl not in IMPLS or impl == 'auto':
+    raise ValueError(f'auto_on_cpu takes one of {IMPLS[1:]}; got {impl!r}.')
+  token = _AUTO_CPU.set(impl)
+  try:
+    yield
+  finally:
+    _AUTO_CPU.reset(token)
+
+
+def resolve_impl(impl: str, platform: str | None = None) -> str:
+  """Maps ``'auto'`` to the lowering used on ``platform``.
+
+  Args:
+    impl: one of :data:`IMPLS`.
+    platform: ``'cpu'``, ``'cuda'``, ``'tpu'``, ...; None means the default
+      backend.
 
   Returns one of ``'lax'``, ``'xla'``, ``'ffi'``. ``'ffi'`` is returned only
   when the compiled kernels can be loaded.
@@ -51,10 +90,12 @@ def resolve_impl(impl: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f'Unknown conv impl {impl!r}; expected one of {IMPLS}.')
   if impl == 'auto':
-    if jax.default_backend() != 'cpu':
+    platform = platform or jax.default_backend()
+    if platform != 'cpu':
       impl = 'lax'
     else:
-      impl = 'ffi' if jax.local_device_count() == 1 else 'xla'
+      impl = _AUTO_CPU.get() or (
+          'ffi' if jax.local_device_count() == 1 else 'xla')
   if impl == 'ffi':
     from ghostnet_jax import kernels  # pylint: disable=g-import-not-at-top
     if not kernels.is_available():
@@ -200,9 +241,44 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1),
   if padding is None:
     padding = same_padding((kh, kw))
   padding = tuple(tuple(int(p) for p in pair) for pair in padding)
+  if impl not in IMPLS:
+    raise ValueError(f'Unknown conv impl {impl!r}; expected one of {IMPLS}.')
+  if impl == 'auto':
+    cpu_impl = resolve_impl('auto', 'cpu')
+    if (cpu_impl == 'lax'
+        or not _rewritten(kernel.shape, x.shape[-1], padding, groups)):
+      return _conv_lax(x, kernel, strides, padding, groups, precision)
+    # Both branches are traced; lowering keeps only the compiled platform's.
+    return lax.platform_dependent(
+        x, kernel,
+        cpu=functools.partial(_conv_rewritten, impl=cpu_impl,
+                              strides=strides, padding=padding,
+                              groups=groups, precision=precision),
+        default=functools.partial(_conv_lax, strides=strides,
+                                  padding=padding, groups=groups,
+                                  precision=precision))
   impl = resolve_impl(impl)
-  if impl == 'lax':
+  if impl == 'lax' or not _rewritten(kernel.shape, x.shape[-1], padding,
+                                     groups):
     return _conv_lax(x, kernel, strides, padding, groups, precision)
+  return _conv_rewritten(x, kernel, impl=impl, strides=strides,
+                         padding=padding, groups=groups, precision=precision)
+
+
+def _rewritten(kernel_shape, cin: int, padding, groups: int) -> bool:
+  """True when ``'xla'`` / ``'ffi'`` compute this convolution differently
+  from ``'lax'`` (pointwise, depthwise, or split grouped convolutions)."""
+  kh, kw = kernel_shape[:2]
+  return ((groups == 1 and (kh, kw) == (1, 1)
+           and padding == ((0, 0), (0, 0)))
+          or is_depthwise(kernel_shape, cin, groups)
+          or 1 < groups <= MAX_SPLIT_GROUPS)
+
+
+def _conv_rewritten(x, kernel, *, impl, strides, padding, groups, precision):
+  """The ``'xla'`` / ``'ffi'`` lowering of a convolution :func:`_rewritten`
+  accepts; ``x`` ``(N, H, W, Cin)``, ``kernel`` ``(kh, kw, Cin/G, Cout)``."""
+  kh, kw = kernel.shape[:2]
   cin = x.shape[-1]
   if groups == 1 and (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
     return pointwise_conv2d_xla(x, kernel, strides, precision)

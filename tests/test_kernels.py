@@ -207,6 +207,46 @@ def test_conv2d_impl_ffi_routes_to_kernels():
   assert 'ghostnet_jax_depthwise' not in _jaxpr_text(grouped, x, k2)
 
 
+def _lowered_text(fn, platforms, *args):
+  """StableHLO text of ``fn`` exported for ``platforms`` (from this host)."""
+  from jax import export  # pylint: disable=g-import-not-at-top
+  return export.export(jax.jit(fn), platforms=platforms)(*args).mlir_module()
+
+
+@requires_kernels
+def test_auto_resolves_per_lowering_platform():
+  """'auto' is the kernels in the CPU lowering and lax in GPU/TPU ones, so a
+  graph traced on this CPU host exports for accelerators with no custom call.
+  """
+  rng = np.random.RandomState(4)
+  x = jnp.asarray(rng.randn(1, 8, 8, 16).astype(np.float32))
+  k = jnp.asarray(rng.randn(3, 3, 1, 16).astype(np.float32))
+  conv = lambda x, k: ops.conv2d(x, k, groups=16, impl='auto')
+  cpu_text = jax.jit(conv).lower(x, k).as_text()
+  assert 'ghostnet_jax_depthwise_forward' in cpu_text
+  for platform in ('cuda', 'tpu'):
+    text = _lowered_text(conv, (platform,), x, k)
+    assert 'custom_call' not in text, platform
+    assert 'stablehlo.convolution' in text, platform
+  train = jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2), argnums=(0, 1))
+  assert 'custom_call' not in _lowered_text(train, ('tpu',), x, k)
+  # The exporter's setting: no kernel call in any lowering, one artifact.
+  with ops.auto_on_cpu('xla'):
+    text = _lowered_text(lambda x, k: conv(x, k), ('cpu', 'cuda', 'tpu'), x, k)
+  assert 'custom_call' not in text
+  assert ops.resolve_impl('auto', 'tpu') == 'lax'
+  assert ops.resolve_impl('auto', 'cpu') == 'ffi'
+  with ops.auto_on_cpu('xla'):
+    assert ops.resolve_impl('auto', 'cpu') == 'xla'
+  with pytest.raises(ValueError, match='auto_on_cpu'):
+    with ops.auto_on_cpu('auto'):
+      pass
+  np.testing.assert_allclose(
+      np.asarray(jax.jit(conv)(x, k)),
+      np.asarray(ops.conv2d(x, k, groups=16, impl='lax')), rtol=1e-5,
+      atol=1e-5)
+
+
 @requires_kernels
 def test_vmap():
   case = (2, 8, 8, 17, (3, 3), (2, 2), ((1, 1), (1, 1)))
