@@ -59,6 +59,9 @@ EXTRA_HINT = ("needs the 'export' extra: pip install -e .[export] "
               '(requirements-export.txt)')
 # Seed and batch of the fixed parity batch (dynamic exports use 2 images).
 PARITY_SEED = 0
+# Where ``--calibration digits`` prepares the bundled digits (train.py's
+# default data_dir).
+DIGITS_DATA_DIR = './data/tfds'
 DYNAMIC_PARITY_BATCH = 2
 
 
@@ -273,9 +276,15 @@ def export_onnx(ex: Exportable, path: str, opset: int = 17):
   batch = 'N' if ex.batch is None else ex.batch
   shape = (batch,) + ex.input_shape()[1:]
   fn = ex.fn
+  onnx = _require('onnx')
   with ops.auto_on_cpu('lax'):
     jax2onnx.to_onnx(lambda x: fn(x), [shape], model_name=ex.name,
                      opset=opset, return_mode='file', output_path=path)
+  # jax2onnx may put large tensors in side files; make one self-contained
+  # file (the models here are far below protobuf's 2 GB limit).
+  proto = onnx.load(path, load_external_data=True)
+  onnx.save_model(proto, path, save_as_external_data=False)
+  onnx.checker.check_model(path)
 
 
 def run_onnx(path: str, images: np.ndarray, threads: int | None = None):
@@ -296,12 +305,170 @@ def _write_onnx(ex: Exportable, tmp_path: str, **_) -> dict:
           'info': {'runtime': 'onnxruntime'}}
 
 
+# ------------------------------------------------- TF SavedModel / TFLite
+
+
+def export_savedmodel(ex: Exportable, path: str,
+                      platforms: Sequence[str] = ('cpu',)) -> None:
+  """Writes ``ex.fn`` as a TF SavedModel (``jax2tf``, native serialization).
+
+  Signature ``serving_default``: ``images`` ``(N, S, S, C)`` float32 ->
+  ``logits``. The JAX graph is embedded as StableHLO (``XlaCallModule``)
+  lowered for ``platforms``.
+  """
+  tf = _require('tensorflow')
+  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+  poly = '(b, ...)' if ex.batch is None else None
+  fn = ex.fn
+  spec = tf.TensorSpec(ex.input_shape(), tf.float32, name='images')
+  # Plain convolutions: the TFLite converter maps them to its CONV_2D /
+  # DEPTHWISE_CONV_2D kernels (the XLA:CPU rewrites would not convert).
+  with ops.auto_on_cpu('lax'):
+    tf_fn = jax2tf.convert(lambda x: fn(x), polymorphic_shapes=[poly],
+                           with_gradient=False,
+                           native_serialization_platforms=tuple(platforms))
+    module = tf.Module()
+    module.serve = tf.function(lambda images: {'logits': tf_fn(images)},
+                               input_signature=[spec], autograph=False)
+    tf.saved_model.save(module, path,
+                        signatures={'serving_default': module.serve})
+
+
+def run_savedmodel(path: str, images: np.ndarray) -> np.ndarray:
+  tf = _require('tensorflow')
+  sig = tf.saved_model.load(path).signatures['serving_default']
+  return sig(images=tf.constant(np.asarray(images, np.float32)))[
+      'logits'].numpy()
+
+
+def calibration_images(source: str, ex: Exportable, count: int = 64
+                       ) -> np.ndarray:
+  """Normalised calibration images ``(count, S, S, C)`` float32.
+
+  ``source``: ``'digits'`` (the bundled digits), a tfds ``NAME[:SPLIT]``, or
+  a folder of image files; resized and normalised as the sidecar says.
+  """
+  from ghostnet_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  size, c = ex.image_size, ex.in_chans
+  mean = np.asarray(ex.preprocessing['mean'], np.float32)
+  std = np.asarray(ex.preprocessing['std'], np.float32)
+  if os.path.isdir(source):
+    files = sorted(f for f in os.listdir(source)
+                   if f.lower().endswith(('.png', '.jpg', '.jpeg', '.bmp')))
+    if not files:
+      raise ExportError(f'--calibration folder {source} has no images.')
+    images = []
+    for f in files[:count]:
+      img = eval_lib.load_image(os.path.join(source, f))
+      images.append(np.asarray(jax.image.resize(
+          img.astype(np.float32) / 255.0, (size, size, img.shape[-1]),
+          'bilinear')))
+    x = np.stack(images)
+  else:
+    from ghostnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    name, _, split = source.partition(':')
+    data_dir = None
+    if name == 'digits':
+      from ghostnet_jax.datasets import digits  # pylint: disable=g-import-not-at-top
+      data_dir = DIGITS_DATA_DIR
+      digits.prepare_digits(data_dir)
+      name, split = digits.DIGITS_NAME, split or 'train'
+    pre = ex.preprocessing
+    try:
+      it = input_pipeline.eval_iterator(
+          dataset=name, data_dir=data_dir, split=split or 'train',
+          global_batch_size=count, image_size=size,
+          crop_fraction=pre['crop_fraction'],
+          interpolation=pre['interpolation'], mean=pre['mean'],
+          std=pre['std'], process_index=0, process_count=1)
+      batch = next(iter(it))
+    except ValueError as e:
+      raise ExportError(f'--calibration {source!r} is neither an image '
+                        f'folder nor a prepared tfds dataset: {e}') from e
+    return np.asarray(batch['image'])[np.asarray(batch['mask']) > 0]
+  if x.shape[-1] == 1 and c == 3:
+    x = np.repeat(x, 3, axis=-1)
+  if x.ndim != 4 or x.shape[-1] != c:
+    raise ExportError(f'--calibration {source!r} gives images of shape '
+                      f'{x.shape[1:]}; the model takes {c} channels.')
+  return ((x - mean) / std).astype(np.float32)
+
+
+def export_tflite(ex: Exportable, path: str, *, quantize: str | None = None,
+                  calibration: np.ndarray | None = None) -> None:
+  """Writes a ``.tflite`` (TFLite converter, from a SavedModel).
+
+  ``quantize='int8'``: post-training full-integer quantization of weights
+  and activations, calibrated on ``calibration`` ``(M, S, S, C)``; input and
+  output stay float32.
+  """
+  tf = _require('tensorflow')
+  with tempfile.TemporaryDirectory() as tmp:
+    sm = os.path.join(tmp, 'saved_model')
+    export_savedmodel(ex, sm)
+    converter = tf.lite.TFLiteConverter.from_saved_model(sm)
+    if quantize == 'int8':
+      if calibration is None:
+        raise ExportError('int8 needs calibration images.')
+      want = ex.input_shape()[1:]
+      if tuple(calibration.shape[1:]) != tuple(want):
+        raise ExportError(f'Calibration images have shape '
+                          f'{calibration.shape[1:]}; expected {want}.')
+      converter.optimizations = [tf.lite.Optimize.DEFAULT]
+
+      def representative():
+        for img in calibration:
+          yield [img[None]]
+
+      converter.representative_dataset = representative
+      converter.target_spec.supported_ops = [
+          tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    data = converter.convert()
+  with open(path, 'wb') as f:
+    f.write(data)
+
+
+def run_tflite(path: str, images: np.ndarray, threads: int | None = None
+               ) -> np.ndarray:
+  """Logits of a ``.tflite`` under the LiteRT interpreter."""
+  litert = _require('ai_edge_litert.interpreter')
+  interp = litert.Interpreter(model_path=path, num_threads=threads)
+  inp = interp.get_input_details()[0]
+  images = np.asarray(images, np.float32)
+  if tuple(inp['shape']) != images.shape:
+    interp.resize_tensor_input(inp['index'], images.shape)
+  interp.allocate_tensors()
+  interp.set_tensor(inp['index'], images)
+  interp.invoke()
+  return interp.get_tensor(interp.get_output_details()[0]['index'])
+
+
+def _write_savedmodel(ex: Exportable, tmp_path: str, **_) -> dict:
+  export_savedmodel(ex, tmp_path)
+  return {'outputs': run_savedmodel(tmp_path, ex.parity_batch()),
+          'info': {'converter': 'jax2tf (native serialization)',
+                   'signature': 'serving_default: images -> logits'}}
+
+
+def _write_tflite(ex: Exportable, tmp_path: str, quantize=None,
+                  calibration=None) -> dict:
+  calib = None
+  if quantize == 'int8':
+    calib = calibration_images(calibration, ex)
+  export_tflite(ex, tmp_path, quantize=quantize, calibration=calib)
+  return {'outputs': run_tflite(tmp_path, ex.parity_batch()),
+          'info': {'runtime': 'ai-edge-litert', 'quantize': quantize,
+                   'calibration': calibration}}
+
+
 # ------------------------------------------------------------------ driver
 
 
 _WRITERS = {
     'stablehlo': _write_stablehlo,
     'onnx': _write_onnx,
+    'savedmodel': _write_savedmodel,
+    'tflite': _write_tflite,
 }
 
 

@@ -166,6 +166,12 @@ def test_onnx_parity(exportable, tmp_path):
   rel = meta['parity']['max_abs_diff_over_max_logit']
   print(f'PARITY onnx {exportable.name}: {rel:.3g}')
   assert rel <= TOL, rel
+  # The final file is self-contained (no external-data side files).
+  assert sorted(os.listdir(tmp_path)) == ['model.onnx', 'model.onnx.json']
+  x = exportable.parity_batch()[::-1].copy()
+  _, rel = export.relative_diff(export.run_onnx(path, x),
+                                exportable.reference(x))
+  assert rel <= TOL, rel
 
 
 # ------------------------------------------------------------ bad input
@@ -239,4 +245,40 @@ def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
   monkeypatch.setitem(export._WRITERS, 'stablehlo', broken)
   with pytest.raises(RuntimeError, match='disk full'):
     export.export(ex, 'stablehlo', str(tmp_path / 'm.bin'))
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.slow
+def test_savedmodel_parity(exportable, tmp_path):
+  require('tensorflow')
+  path = str(tmp_path / 'saved_model')
+  meta = export.export(exportable, 'savedmodel', path)
+  _check_sidecar(path, exportable, 'savedmodel')
+  rel = meta['parity']['max_abs_diff_over_max_logit']
+  print(f'PARITY savedmodel {exportable.name}: {rel:.3g}')
+  assert rel <= TOL, rel
+
+
+@pytest.mark.slow
+def test_tflite_fp32_parity(exportable, tmp_path):
+  require('tensorflow')
+  require('ai_edge_litert')
+  path = str(tmp_path / 'model.tflite')
+  meta = export.export(exportable, 'tflite', path)
+  _check_sidecar(path, exportable, 'tflite')
+  rel = meta['parity']['max_abs_diff_over_max_logit']
+  print(f'PARITY tflite {exportable.name}: {rel:.3g}')
+  assert rel <= TOL, rel
+  x = exportable.parity_batch()[::-1].copy()
+  _, rel = export.relative_diff(export.run_tflite(path, x),
+                                exportable.reference(x))
+  assert rel <= TOL, rel
+
+
+def test_calibration_of_wrong_shape(tmp_path):
+  require('tensorflow')
+  ex = export.prepare(model='ghostnet_050', num_classes=10, image_size=SIZE)
+  with pytest.raises(export.ExportError, match='shape'):
+    export.export_tflite(ex, str(tmp_path / 'x.tflite'), quantize='int8',
+                         calibration=np.zeros((4, 16, 16, 3), np.float32))
   assert not os.listdir(tmp_path)
