@@ -403,17 +403,18 @@ def export_tflite(ex: Exportable, path: str, *, quantize: str | None = None,
   output stay float32.
   """
   tf = _require('tensorflow')
+  if quantize == 'int8':
+    if calibration is None:
+      raise ExportError('int8 needs calibration images.')
+    want = ex.input_shape()[1:]
+    if tuple(calibration.shape[1:]) != tuple(want):
+      raise ExportError(f'Calibration images have shape '
+                        f'{calibration.shape[1:]}; expected {want}.')
   with tempfile.TemporaryDirectory() as tmp:
     sm = os.path.join(tmp, 'saved_model')
     export_savedmodel(ex, sm)
     converter = tf.lite.TFLiteConverter.from_saved_model(sm)
     if quantize == 'int8':
-      if calibration is None:
-        raise ExportError('int8 needs calibration images.')
-      want = ex.input_shape()[1:]
-      if tuple(calibration.shape[1:]) != tuple(want):
-        raise ExportError(f'Calibration images have shape '
-                          f'{calibration.shape[1:]}; expected {want}.')
       converter.optimizations = [tf.lite.Optimize.DEFAULT]
 
       def representative():
