@@ -200,7 +200,9 @@ def prepare(*, checkpoint: str | None = None, model: str | None = None,
   return Exportable(
       name=name, num_classes=num_classes, in_chans=in_chans, image_size=size,
       batch=batch, fn=fn, reference=jax.jit(reference),
-      preprocessing=eval_lib.preprocessing_record(preprocess_name, config),
+      preprocessing=dict(
+          eval_lib.preprocessing_record(preprocess_name, config),
+          input_size=size),
       checkpoint=None if checkpoint is None else os.fspath(checkpoint),
       class_names_source=class_names_source)
 
