@@ -119,7 +119,7 @@ def test_stablehlo_parity_and_portability(exportable, tmp_path):
   with open(path, 'rb') as f:
     exp = jax_export.deserialize(bytearray(f.read()))
   assert exp.platforms == ('cpu', 'cuda', 'tpu')
-  assert 'custom_call' not in exp.mlir_module()
+  assert 'stablehlo.custom_call' not in exp.mlir_module()
   size = exportable.image_size
   x = np.random.default_rng(1).standard_normal((2, size, size, 3)).astype(
       np.float32)
@@ -134,7 +134,7 @@ def test_accelerator_lowerings_have_no_custom_call(platform):
   exp = jax.export.export(jax.jit(ex.fn), platforms=(platform,))(
       jax.ShapeDtypeStruct((1, SIZE, SIZE, 3), np.float32))
   text = exp.mlir_module()
-  assert 'custom_call' not in text
+  assert 'stablehlo.custom_call' not in text
   assert 'stablehlo.convolution' in text
 
 
