@@ -74,9 +74,9 @@ def measure(model_name: str, batch: int, image_size: int, remat_value: str,
   residuals = jax.eval_shape(
       lambda p, bs, images: jax.vjp(lambda q: forward(q, bs, images), p)[1],
       variables['params'], variables['batch_stats'], x)
-  params_bytes = sum(l.size * l.dtype.itemsize for l in
+  params_bytes = sum(a.size * a.dtype.itemsize for a in
                      jax.tree_util.tree_leaves(variables['params']))
-  residual_bytes = sum(l.size * l.dtype.itemsize for l in
+  residual_bytes = sum(a.size * a.dtype.itemsize for a in
                        jax.tree_util.tree_leaves(residuals)) - params_bytes
   if not compile_step:
     return {'remat': remat_value, 'residual_gib': residual_bytes / 2.0 ** 30}

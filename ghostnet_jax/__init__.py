@@ -1,4 +1,5 @@
 """GhostNet family in JAX/Flax: models, registry, PyTorch checkpoint converter."""
+# ruff: noqa: E402 (the allocator is tuned before the rest is imported)
 
 # First, before anything starts JAX's threads: glibc malloc settings that keep
 # XLA:CPU's per-call buffers mapped (ghostnet_jax.runtime; opt out with

@@ -172,7 +172,7 @@ def evaluate_batches(model: nn.Module, variables: Any,
   if return_logits:
     if kept:
       keep = np.concatenate([m for _, _, m in kept]) > 0
-      result['logits'] = np.concatenate([l for l, _, _ in kept])[keep]
+      result['logits'] = np.concatenate([z for z, _, _ in kept])[keep]
       result['labels'] = np.concatenate([y for _, y, _ in kept])[keep]
     else:
       result['logits'] = np.zeros((0, num_classes), np.float32)

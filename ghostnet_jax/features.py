@@ -220,7 +220,7 @@ def transfer_variables(model: nn.Module, source: Mapping,
     else:
       misshaped.append(f'{"/".join(path)} {tuple(np.shape(v))} != {shape}')
   unknown = [p for p in got if p not in want and p not in known
-             and not (p[1] in HEAD_MODULES)]
+             and p[1] not in HEAD_MODULES]
   if missing or misshaped or unknown:
     fmt = lambda xs: sorted('/'.join(x) if isinstance(x, tuple) else x
                             for x in xs)[:5]

@@ -20,7 +20,6 @@ import sys
 
 import jax
 import pytest
-from jax.sharding import PartitionSpec as P
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, 'benchmarks'))

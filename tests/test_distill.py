@@ -115,7 +115,7 @@ def test_workdir_teaches_a_student(tmp_path, fake_pipeline, capsys):
                                      **extra), str(tmp_path / name))
     out = capsys.readouterr().out
     if name != 'plain':
-      line = [l for l in out.splitlines() if l.startswith('Teacher ')]
+      line = [s for s in out.splitlines() if s.startswith('Teacher ')]
       assert line == [f'Teacher ghostnet_050: test top-1 '
                       f'{100 * t["top1"]:.2f}%'], out
   # Same seed, same data, same init: the KD term only adds to the loss.

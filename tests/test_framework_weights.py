@@ -19,6 +19,7 @@ import pytest
 
 import ghostnet_jax
 from ghostnet_jax import download, sources
+import extras
 from torch_reference import compiled_apply, relative_error
 from weights_server import WeightsServer
 
@@ -46,8 +47,9 @@ def _python(module: str) -> str | None:
 def _build(kind: str, arg: str, module: str, out) -> dict:
   exe = _python(module)
   if exe is None:
-    pytest.skip(f'{module} is not installed (.venv-weights or '
-                '$GHOSTNET_WEIGHTS_PYTHON); see requirements-weights-test.txt')
+    extras.missing(f'{module} is not installed (.venv-weights or '
+                   '$GHOSTNET_WEIGHTS_PYTHON; bash setup.sh --test); see '
+                   'requirements-weights-test.txt')
   env = dict(os.environ, PYTHONPATH='', GLOG_v='3', GLOG_minloglevel='3')
   done = subprocess.run([exe, WORKER, kind, arg, str(out)], env=env,
                         capture_output=True, text=True, timeout=600)

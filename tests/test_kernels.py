@@ -226,14 +226,14 @@ def test_auto_resolves_per_lowering_platform():
   assert 'ghostnet_jax_depthwise_forward' in cpu_text
   for platform in ('cuda', 'tpu'):
     text = _lowered_text(conv, (platform,), x, k)
-    assert 'custom_call' not in text, platform
+    assert 'stablehlo.custom_call' not in text, platform
     assert 'stablehlo.convolution' in text, platform
   train = jax.grad(lambda x, k: jnp.sum(conv(x, k) ** 2), argnums=(0, 1))
-  assert 'custom_call' not in _lowered_text(train, ('tpu',), x, k)
+  assert 'stablehlo.custom_call' not in _lowered_text(train, ('tpu',), x, k)
   # The exporter's setting: no kernel call in any lowering, one artifact.
   with ops.auto_on_cpu('xla'):
     text = _lowered_text(lambda x, k: conv(x, k), ('cpu', 'cuda', 'tpu'), x, k)
-  assert 'custom_call' not in text
+  assert 'stablehlo.custom_call' not in text
   assert ops.resolve_impl('auto', 'tpu') == 'lax'
   assert ops.resolve_impl('auto', 'cpu') == 'ffi'
   with ops.auto_on_cpu('xla'):
