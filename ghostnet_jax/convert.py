@@ -40,7 +40,7 @@ import numpy as np
 
 from ghostnet_jax import registry
 from ghostnet_jax.utils import abstract_variables
-from ghostnet_jax.utils import flatten_tree as _flatten
+from ghostnet_jax.utils import flatten_tree as _flatten, unflatten_tree
 
 # Keys that published checkpoints carry but no model owns: BatchNorm's
 # counter and the thop profiler's buffers (GhostNetV2/V3 release files).
@@ -99,16 +99,6 @@ def _torch_shape(flax_shape: tuple[int, ...]) -> tuple[int, ...]:
   if len(flax_shape) == 2:
     return (flax_shape[1], flax_shape[0])
   return tuple(flax_shape)
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    d = out
-    for p in path[:-1]:
-      d = d.setdefault(p, {})
-    d[path[-1]] = v
-  return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -422,7 +412,7 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], name: str, *,
         init = init_variables(model, image_size=64)
       value = np.asarray(_flatten(init[collection])[path])
     flat[(collection,) + path] = jax.numpy.asarray(value)
-  return _unflatten(flat)
+  return unflatten_tree(flat)
 
 
 def load_torch_checkpoint(path_or_state_dict: Any, name: str, *,

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ghostnet_jax import utils
+
 OUTPUT_STRIDES = (8, 16, 32)
 # Top-level modules of a classification head; a backbone may lack them or
 # have them with other shapes (another num_classes).
@@ -124,6 +126,18 @@ class FeatureTaps:
     return level >= self.out_indices[-1]
 
 
+def feature_taps(model: nn.Module) -> FeatureTaps | None:
+  """The taps of a ``features_only`` model (its ``out_indices`` resolved
+  against :meth:`feature_levels`); ``None`` for a classifier, whose
+  ``output_stride`` is checked instead."""
+  name = type(model).__name__
+  if model.features_only:
+    return FeatureTaps(resolve_out_indices(
+        model.out_indices, len(model.feature_levels()), name))
+  check_output_stride(model.output_stride, name)
+  return None
+
+
 def feature_info(name: str, **kwargs) -> list[dict[str, Any]]:
   """Per selected level: ``{'num_chs', 'reduction', 'module'}`` (timm's keys).
 
@@ -137,33 +151,13 @@ def feature_info(name: str, **kwargs) -> list[dict[str, Any]]:
   return [lv.as_dict() for lv in model.feature_levels(selected=True)]
 
 
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat: Mapping) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    d = out
-    for k in path[:-1]:
-      d = d.setdefault(k, {})
-    d[path[-1]] = v
-  return out
-
-
 def _layout(model: nn.Module, image_size: int) -> dict:
   x = jax.ShapeDtypeStruct((1, image_size, image_size,
                             getattr(model, 'in_chans', 3)), jnp.float32)
   shapes = jax.eval_shape(
       lambda x: model.init(jax.random.key(0), x, train=False), x)
   return {(c,) + p: tuple(v.shape) for c in ('params', 'batch_stats')
-          for p, v in _flatten(shapes.get(c, {})).items()}
+          for p, v in utils.flatten_tree(shapes.get(c, {})).items()}
 
 
 def transfer_variables(model: nn.Module, source: Mapping,
@@ -200,12 +194,12 @@ def transfer_variables(model: nn.Module, source: Mapping,
   known = set(_layout(full, image_size))
   got = {}
   for c in ('params', 'batch_stats'):
-    for p, v in _flatten(source.get(c, {})).items():
+    for p, v in utils.flatten_tree(source.get(c, {})).items():
       got[(c,) + p] = v
   fresh_flat = {}
   if fresh is not None:
     for c in ('params', 'batch_stats'):
-      for p, v in _flatten(fresh.get(c, {})).items():
+      for p, v in utils.flatten_tree(fresh.get(c, {})).items():
         fresh_flat[(c,) + p] = v
   out, missing, misshaped = {}, [], []
   for path, shape in want.items():
@@ -233,5 +227,5 @@ def transfer_variables(model: nn.Module, source: Mapping,
   flat_out: dict[str, dict] = {}
   for path, v in out.items():
     flat_out.setdefault(path[0], {})[path[1:]] = v
-  return {c: _unflatten(flat_out.get(c, {}))
+  return {c: utils.unflatten_tree(flat_out.get(c, {}))
           for c in ('params', 'batch_stats')}

@@ -36,8 +36,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ghostnet_jax.features import (FeatureLevel, FeatureTaps, StrideSchedule,
-                                   check_output_stride, resolve_out_indices)
+from ghostnet_jax.features import (FeatureLevel, StrideSchedule,
+                                   check_output_stride, feature_taps,
+                                   resolve_out_indices)
 from ghostnet_jax.layers import (BatchNorm, Conv2d, Linear, ModuleDef,
                                  check_images, he_normal_fan_out, sow_feature)
 from ghostnet_jax.registry import register_model
@@ -382,12 +383,7 @@ class GGhostRegNet(nn.Module):
           f'Training needs at least 2 images per BatchNorm group (batch '
           f'{x.shape[0]}, bn_batch_groups={self.bn_batch_groups}): the '
           'G-Ghost merge normalises one pooled vector per image.')
-    taps = None
-    if self.features_only:
-      taps = FeatureTaps(resolve_out_indices(
-          self.out_indices, len(self.feature_levels()), type(self).__name__))
-    else:
-      check_output_stride(self.output_stride, type(self).__name__)
+    taps = feature_taps(self)
     conv, norm = self.layer_factories()
 
     x = conv(STEM_FEATURES, 3, strides=2, name='conv1')(x)

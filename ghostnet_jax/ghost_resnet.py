@@ -95,8 +95,9 @@ import jax
 import jax.numpy as jnp
 
 from ghostnet_jax.ghost_layers import GhostConv
-from ghostnet_jax.features import (FeatureLevel, FeatureTaps, StrideSchedule,
-                                   check_output_stride, resolve_out_indices)
+from ghostnet_jax.features import (FeatureLevel, StrideSchedule,
+                                   check_output_stride, feature_taps,
+                                   resolve_out_indices)
 from ghostnet_jax.ghostnet import GhostModule
 from ghostnet_jax.layers import (BatchNorm, Conv2d, Linear, ModuleDef,
                                  check_images, sow_feature)
@@ -242,12 +243,7 @@ class GhostResNet(nn.Module):
     if self.ghost_classifier and self.num_classes == 1 and self.ratio > 1:
       raise ValueError('A Ghost classifier needs num_classes >= 2; use '
                        'ghost_classifier=False for a single output.')
-    taps = None
-    if self.features_only:
-      taps = FeatureTaps(resolve_out_indices(
-          self.out_indices, len(self.feature_levels()), type(self).__name__))
-    else:
-      check_output_stride(self.output_stride, type(self).__name__)
+    taps = feature_taps(self)
     conv, norm = self.layer_factories()
 
     x = conv(STEM_CHANNELS, 7, strides=2, name='conv1')(x)

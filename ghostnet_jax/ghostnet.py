@@ -25,8 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ghostnet_jax.features import (FeatureLevel, FeatureTaps, StrideSchedule,
-                                   check_output_stride, resolve_out_indices)
+from ghostnet_jax.features import (FeatureLevel, StrideSchedule,
+                                   check_output_stride, feature_taps,
+                                   resolve_out_indices)
 from ghostnet_jax.layers import (BatchNorm, Conv2d, ConvBnAct, Linear,
                                  ModuleDef, SqueezeExcite, check_ghost_args,
                                  check_images, make_divisible, sow_feature)
@@ -298,12 +299,7 @@ class GhostNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     check_images(x, self.in_chans, model=type(self).__name__)
-    taps = None
-    if self.features_only:
-      taps = FeatureTaps(resolve_out_indices(
-          self.out_indices, len(self.feature_levels()), type(self).__name__))
-    else:
-      check_output_stride(self.output_stride, type(self).__name__)
+    taps = feature_taps(self)
     conv, norm = self.layer_factories()
     w = self.width
 

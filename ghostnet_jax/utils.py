@@ -8,6 +8,7 @@ import os
 from typing import Any, Mapping
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,6 +117,12 @@ def flatten_tree(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
     else:
       out[prefix + (k,)] = v
   return out
+
+
+def unflatten_tree(flat: Mapping[tuple, Any]) -> dict:
+  """``{path tuple: leaf}`` -> nested dicts (the inverse of
+  :func:`flatten_tree`)."""
+  return traverse_util.unflatten_dict(dict(flat))
 
 
 def count_params(tree: Any) -> int:
