@@ -52,6 +52,7 @@ import numpy as np
 
 import ghostnet_jax
 from ghostnet_jax import inference, ops, registry
+from ghostnet_jax.class_names import NUM_IMAGENET_CLASSES
 
 FORMATS = ('stablehlo', 'savedmodel', 'tflite', 'onnx')
 STABLEHLO_PLATFORMS = ('cpu', 'cuda', 'tpu')
@@ -165,7 +166,7 @@ def prepare(*, checkpoint: str | None = None, model: str | None = None,
     preprocess_name, config = eval_lib.resolve_preprocessing(loaded)
     if loaded.class_names and len(loaded.class_names) == num_classes:
       class_names_source = 'checkpoint'
-    elif num_classes == eval_lib.NUM_IMAGENET_CLASSES:
+    elif num_classes == NUM_IMAGENET_CLASSES:
       class_names_source = 'imagenet'
   else:
     if model is None:
@@ -175,7 +176,7 @@ def prepare(*, checkpoint: str | None = None, model: str | None = None,
     entry = registry.get_entry(name)
     preprocess_name = entry.default_preprocess
     config = registry.get_eval_config(name, preprocess_name)
-    if num_classes == eval_lib.NUM_IMAGENET_CLASSES:
+    if num_classes == NUM_IMAGENET_CLASSES:
       class_names_source = 'imagenet'
   train_model = registry.create_model(
       name, num_classes=num_classes,
@@ -350,7 +351,7 @@ def calibration_images(source: str, ex: Exportable, count: int = 64
   ``source``: ``'digits'`` (the bundled digits), a tfds ``NAME[:SPLIT]``, or
   a folder of image files; resized and normalised as the sidecar says.
   """
-  from ghostnet_jax import eval_lib  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax import classify  # pylint: disable=g-import-not-at-top
   size, c = ex.image_size, ex.in_chans
   mean = np.asarray(ex.preprocessing['mean'], np.float32)
   std = np.asarray(ex.preprocessing['std'], np.float32)
@@ -361,7 +362,7 @@ def calibration_images(source: str, ex: Exportable, count: int = 64
       raise ExportError(f'--calibration folder {source} has no images.')
     images = []
     for f in files[:count]:
-      img = eval_lib.load_image(os.path.join(source, f))
+      img = classify.load_image(os.path.join(source, f))
       images.append(np.asarray(jax.image.resize(
           img.astype(np.float32) / 255.0, (size, size, img.shape[-1]),
           'bilinear')))
