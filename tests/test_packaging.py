@@ -163,7 +163,7 @@ def test_readme_layout_lists_every_module_and_only_existing_ones():
     assert module in named, f'README layout lacks ghostnet_jax/{module}'
   for name in named:
     top_level = ('ghostnet_jax/', 'configs/', 'benchmarks/', 'tests/',
-                 'train.py', 'eval.py')
+                 'examples/', 'train.py', 'eval.py')
     path = name if name in top_level else os.path.join('ghostnet_jax', name)
     assert os.path.exists(os.path.join(ROOT, path)), (
         f'README layout names {name}, which is not in the tree')
