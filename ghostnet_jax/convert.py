@@ -40,7 +40,8 @@ import numpy as np
 
 from ghostnet_jax import registry
 from ghostnet_jax.utils import abstract_variables
-from ghostnet_jax.utils import flatten_tree as _flatten, unflatten_tree
+from ghostnet_jax.utils import flatten_tree as _flatten
+from ghostnet_jax.utils import unflatten_tree as _unflatten
 
 # Keys that published checkpoints carry but no model owns: BatchNorm's
 # counter and the thop profiler's buffers (GhostNetV2/V3 release files).
@@ -412,7 +413,7 @@ def state_dict_to_variables(state_dict: Mapping[str, Any], name: str, *,
         init = init_variables(model, image_size=64)
       value = np.asarray(_flatten(init[collection])[path])
     flat[(collection,) + path] = jax.numpy.asarray(value)
-  return unflatten_tree(flat)
+  return _unflatten(flat)
 
 
 def load_torch_checkpoint(path_or_state_dict: Any, name: str, *,
