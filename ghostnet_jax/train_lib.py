@@ -1246,8 +1246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if config.init_from and resume_step is None:
     init_variables = load_init_from(config, model)
   factory = StateFactory(config, model, tx, hosts.mesh)
-  if hosts.is_main:
-    check_writable(workdir)
+  if hosts.is_main:  # the workdir was proven writable when it was locked
     utils.write_json(os.path.join(workdir, CONFIG_NAME),
                      json.loads(config.to_json_best_effort()), sort_keys=True)
   checkpointer = Checkpointer(
