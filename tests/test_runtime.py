@@ -13,8 +13,10 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Page faults of the calls of a function with a 64 MB temporary: the fewest
-# over five calls after a warm-up call.
+# Page faults of the calls of a function with a 64 MB temporary, in the steady
+# state: the median of calls 21-30. (Under CPU contention XLA may free a call's
+# temporary after the next call allocated its own, so the heap grows for a few
+# calls before the freed chunks are reused: seen for up to 7 calls in CI.)
 _FAULTS = textwrap.dedent('''
     import resource, sys
     sys.path.insert(0, {repo!r})
@@ -27,11 +29,11 @@ _FAULTS = textwrap.dedent('''
     x = jnp.ones((4096, 4096), jnp.float32)
     f(x).block_until_ready()
     faults = []
-    for _ in range(5):
+    for _ in range(30):
       before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
       f(x).block_until_ready()
       faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    print(min(faults))
+    print(sorted(faults[20:])[5])
 ''')
 
 
@@ -57,8 +59,8 @@ def test_tune_malloc_stops_page_faults_on_repeated_calls():
   # The plain API: `import ghostnet_jax` applies the settings by itself.
   plain = int(_run(_FAULTS.format(repo=REPO, tune=False)))
   # 64 MB of fresh pages is ~16,000 faults: by default every call faults them
-  # in again; with the settings the heap keeps them (some calls may still
-  # fault while the heap's free space settles).
+  # in again; with the settings the heap keeps them once its free space has
+  # settled.
   assert default > 4000, default
   assert tuned < 500, tuned
   assert plain < 500, plain
