@@ -53,7 +53,7 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, 'tests')]
+sys.path.insert(0, REPO)
 
 MODELS = ('ghostnet_100', 'ghostnetv2_100', 'ghostnetv3_100',
           'g_ghost_regnetx_032')

@@ -9,7 +9,7 @@ float32) it measures
   BatchNorm statistics, dropout; the state is donated),
 * the same for the PyTorch reference in NCHW and in ``channels_last``; the
   better layout is the baseline (timm's models; for G-Ghost the test reference
-  ``tests/g_ghost_reference.py``), with ``torch.set_num_threads`` equal to the
+  ``ghostnet_jax/testing/g_ghost_reference.py``), with ``torch.set_num_threads`` equal to the
   number of cores XLA uses,
 * the ratio Flax / PyTorch (above 1: Flax is faster),
 * the Flax compile time (``lower`` + ``compile``, wall seconds) of the
@@ -72,7 +72,7 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # This checkout's package and test references, before any installed copy.
-sys.path[:0] = [REPO, os.path.join(REPO, 'tests')]
+sys.path.insert(0, REPO)
 
 MODELS = ('ghostnet_100', 'ghostnetv2_100', 'ghostnetv3_100',
           'g_ghost_regnetx_032')
@@ -186,10 +186,10 @@ def make_train_step(model, tx):
 def random_variables(model, image_size: int, seed: int = 0) -> dict:
   """The model's variables filled with numpy random numbers, without running
   its initialisers (speed does not depend on the values); see
-  ``tests/torch_reference.py``'s ``random_flax_variables``."""
+  ``ghostnet_jax.testing.torch_reference``'s ``random_flax_variables``."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from torch_reference import random_flax_variables  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax.testing.torch_reference import random_flax_variables  # pylint: disable=g-import-not-at-top
   x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   return random_flax_variables(model, x, seed=seed, train=False)
 
@@ -313,9 +313,9 @@ def first_logits_worker(name: str, batch: int, image_size: int) -> dict:
 def torch_model(name: str, mode: str):
   """The PyTorch reference of ``name`` (random weights)."""
   if name.startswith('g_ghost'):
-    import g_ghost_reference  # pylint: disable=g-import-not-at-top
+    from ghostnet_jax.testing import g_ghost_reference  # pylint: disable=g-import-not-at-top
     return g_ghost_reference.build(name)
-  from torch_reference import import_timm  # pylint: disable=g-import-not-at-top
+  from ghostnet_jax.testing.torch_reference import import_timm  # pylint: disable=g-import-not-at-top
   model = import_timm().create_model(name, pretrained=False)
   if mode == 'infer' and INFERENCE_KWARGS.get(name, {}).get('deploy'):
     model.convert_to_deploy()
@@ -475,7 +475,7 @@ def versions(torch_wanted: bool) -> dict:
     try:
       import torch  # pylint: disable=g-import-not-at-top
       v['torch'] = torch.__version__
-      from torch_reference import import_timm  # pylint: disable=g-import-not-at-top
+      from ghostnet_jax.testing.torch_reference import import_timm  # pylint: disable=g-import-not-at-top
       v['timm'] = import_timm().__version__
     except ImportError:
       pass

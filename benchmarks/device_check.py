@@ -41,8 +41,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.join(REPO, 'tests'),
-                os.path.join(REPO, 'benchmarks')]
+sys.path[:0] = [REPO, os.path.join(REPO, 'benchmarks')]
 
 # One model per family (parity); the throughput models; the train.py run.
 FULL = dict(

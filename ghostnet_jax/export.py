@@ -374,8 +374,7 @@ def calibration_images(source: str, ex: Exportable, count: int = 64
     if name == 'digits':
       from ghostnet_jax.datasets import digits  # pylint: disable=g-import-not-at-top
       data_dir = DIGITS_DATA_DIR
-      digits.prepare_digits(data_dir)
-      name, split = digits.DIGITS_NAME, split or 'train'
+      name, split = digits.prepare_digits(data_dir), split or 'train'
     pre = ex.preprocessing
     try:
       it = input_pipeline.eval_iterator(

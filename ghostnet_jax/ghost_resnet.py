@@ -251,7 +251,11 @@ class GhostResNet(nn.Module):
     sow_feature(self, 'stride_2', x)
     if taps is not None and taps.add(0, x):
       return taps.maps
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # PyTorch's MaxPool2d(3, 2, padding=1): the padding never wins the max.
+    # Written as an explicit -inf pad and a VALID pool, the form the ONNX and
+    # TFLite converters map to one Pad + MaxPool.
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='VALID')
 
     schedule = StrideSchedule(self.output_stride, reduction=4)
     for i, (planes, blocks) in enumerate(zip(STAGE_PLANES, self.layers)):

@@ -40,10 +40,13 @@ import functools
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
-from ghostnet_jax.shapes import conv_out_size, pair
+from ghostnet_jax import kernels
+from ghostnet_jax.conv_rewrites import (conv_lax, depthwise_conv2d_xla,
+                                         grouped_conv2d_split,
+                                         pointwise_conv2d_xla)
+from ghostnet_jax.shapes import pair
 
 IMPLS = ('auto', 'lax', 'xla', 'ffi')
 # Grouped convolutions with more groups stay one XLA convolution (compile
@@ -99,7 +102,6 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
       impl = _AUTO_CPU.get() or (
           'ffi' if jax.local_device_count() == 1 else 'xla')
   if impl == 'ffi':
-    from ghostnet_jax import kernels  # pylint: disable=g-import-not-at-top
     if not kernels.is_available():
       impl = 'xla'
   return impl
@@ -110,101 +112,6 @@ def same_padding(kernel_size, dilation=1) -> tuple[tuple[int, int], tuple[int, i
   kh, kw = pair(kernel_size)
   dh, dw = pair(dilation)
   return ((dh * (kh - 1) // 2,) * 2, (dw * (kw - 1) // 2,) * 2)
-
-
-def _conv_lax(x, kernel, strides, padding, groups, precision, dilation=(1, 1)):
-  return lax.conv_general_dilated(
-      x, kernel, window_strides=strides, padding=padding,
-      rhs_dilation=dilation, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      feature_group_count=groups, precision=precision)
-
-
-def depthwise_conv2d_xla(x, kernel, strides, padding, dilation=(1, 1)):
-  """Depthwise convolution as a sum of shifted, per-channel-scaled slices.
-
-  Args:
-    x: ``(N, H, W, C)``.
-    kernel: ``(kh, kw, 1, C)``.
-    strides: ``(sh, sw)``.
-    padding: ``((top, bottom), (left, right))``.
-    dilation: ``(dh, dw)``, the spacing of the kernel taps (atrous).
-
-  Returns:
-    ``(N, Ho, Wo, C)`` with
-    ``Ho = (H + top + bottom - dh * (kh - 1) - 1) // sh + 1``.
-  """
-  kh, kw, _, c = kernel.shape
-  n, h, w, _ = x.shape
-  sh, sw = strides
-  dh, dw = dilation
-  ho = conv_out_size(h, kh, sh, padding[0], dh)
-  wo = conv_out_size(w, kw, sw, padding[1], dw)
-  xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  out = None
-  for i in range(kh):
-    for j in range(kw):
-      y0, x0 = i * dh, j * dw
-      tap = lax.slice(
-          xp, (0, y0, x0, 0),
-          (n, y0 + sh * (ho - 1) + 1, x0 + sw * (wo - 1) + 1, c),
-          (1, sh, sw, 1))
-      term = tap * kernel[i, j, 0]
-      out = term if out is None else out + term
-  return out
-
-
-def pointwise_conv2d_xla(x, kernel, strides, precision=None):
-  """1x1 convolution as a matmul over channels.
-
-  Args:
-    x: ``(N, H, W, Cin)``.
-    kernel: ``(1, 1, Cin, Cout)``.
-    strides: ``(sh, sw)``; a strided 1x1 convolution samples every s-th pixel.
-
-  Returns:
-    ``(N, ceil(H / sh), ceil(W / sw), Cout)``.
-  """
-  sh, sw = strides
-  if (sh, sw) != (1, 1):
-    x = x[:, ::sh, ::sw, :]
-  # A 2-D (pixels, Cin) @ (Cin, Cout) product. Written on the 4-D array, the
-  # weight gradient contracts three axes of x and dy, and XLA:CPU's layout
-  # assignment then materialises dy transposed to (Cout, pixels): a strided
-  # copy that cost a fifth of a GhostNet training step. The 2-D form
-  # differentiates into a (pixels, Cin)^T @ (pixels, Cout) product on the
-  # row-major arrays, with no copy (see BENCHMARKS.md).
-  n, h, w, cin = x.shape
-  y = lax.dot_general(x.reshape(n * h * w, cin), kernel[0, 0],
-                      (((1,), (0,)), ((), ())), precision=precision)
-  return y.reshape(n, h, w, kernel.shape[-1])
-
-
-def grouped_conv2d_split(x, kernel, strides, padding, groups: int,
-                         precision=None, dilation=(1, 1)):
-  """A grouped convolution as ``groups`` dense convolutions, concatenated.
-
-  Group ``g`` convolves input channels ``[g * Cin/G, (g + 1) * Cin/G)`` with
-  output channels ``[g * Cout/G, (g + 1) * Cout/G)`` of the kernel, which is
-  what ``feature_group_count`` means. XLA:CPU computes dense convolutions
-  and their gradients many times faster than grouped ones (BENCHMARKS.md).
-
-  Args:
-    x: ``(N, H, W, Cin)``.
-    kernel: ``(kh, kw, Cin // groups, Cout)``.
-    strides: ``(sh, sw)``.
-    padding: ``((top, bottom), (left, right))``.
-    groups: feature groups.
-    precision: passed to each convolution.
-    dilation: ``(dh, dw)`` kernel dilation.
-  """
-  cig = kernel.shape[2]
-  cog = kernel.shape[3] // groups
-  outs = [
-      _conv_lax(x[..., g * cig:(g + 1) * cig],
-                kernel[..., g * cog:(g + 1) * cog], strides, padding, 1,
-                precision, dilation)
-      for g in range(groups)]
-  return jnp.concatenate(outs, axis=-1)
 
 
 def is_depthwise(kernel_shape, in_features: int, groups: int) -> bool:
@@ -245,7 +152,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, strides=(1, 1),
   padding = tuple(tuple(int(p) for p in pair) for pair in padding)
   if impl not in IMPLS:
     raise ValueError(f'Unknown conv impl {impl!r}; expected one of {IMPLS}.')
-  lax_conv = functools.partial(_conv_lax, strides=strides, padding=padding,
+  lax_conv = functools.partial(conv_lax, strides=strides, padding=padding,
                                groups=groups, precision=precision,
                                dilation=dilation)
   if impl == 'auto':
@@ -290,11 +197,10 @@ def _conv_rewritten(x, kernel, *, impl, strides, padding, groups, precision,
     return pointwise_conv2d_xla(x, kernel, strides, precision)
   if is_depthwise(kernel.shape, cin, groups):
     if impl == 'ffi' and dilation == (1, 1):
-      from ghostnet_jax import kernels  # pylint: disable=g-import-not-at-top
       if kernels.supports(kernel.shape, strides, padding):
         return kernels.depthwise_conv2d(x, kernel, strides, padding)
     return depthwise_conv2d_xla(x, kernel, strides, padding, dilation)
   if 1 < groups <= MAX_SPLIT_GROUPS:
     return grouped_conv2d_split(x, kernel, strides, padding, groups,
                                 precision, dilation)
-  return _conv_lax(x, kernel, strides, padding, groups, precision, dilation)
+  return conv_lax(x, kernel, strides, padding, groups, precision, dilation)

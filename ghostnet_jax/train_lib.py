@@ -1104,15 +1104,14 @@ class DataSource:
     self.folder_kwargs = ({'bad_files': config.folder_bad_files}
                           if str(config.dataset).startswith('folder:') else {})
     try:
-      if config.dataset in DIGITS_ALIASES:
+      dataset = config.dataset
+      if dataset in DIGITS_ALIASES:
         from ghostnet_jax.datasets import digits  # pylint: disable=g-import-not-at-top
-        info = digits.prepare_digits(
+        dataset = digits.prepare_digits(
             config.data_dir,
             image_size=digits.config_size_for(config.image_size))
-      else:
-        info = self.pipeline.get_dataset_info(config.dataset,
-                                               config.data_dir or None,
-                                               **self.folder_kwargs)
+      info = self.pipeline.get_dataset_info(dataset, config.data_dir or None,
+                                             **self.folder_kwargs)
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise ConfigError(f'config.dataset={config.dataset!r} '
                         f'(data_dir {config.data_dir!r}): {e}') from None

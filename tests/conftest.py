@@ -11,8 +11,8 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope='session')
 def timm():
-  """timm, importable beside the CPU torch (see torch_reference.py)."""
-  from torch_reference import import_timm
+  """timm, importable beside the CPU torch (see ghostnet_jax.testing.torch_reference)."""
+  from ghostnet_jax.testing.torch_reference import import_timm
   return import_timm()
 
 

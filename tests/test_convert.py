@@ -15,7 +15,7 @@ import torch
 
 import ghostnet_jax
 from ghostnet_jax import checkpoint, convert
-from torch_reference import nchw, randomize_torch_model, relative_error
+from ghostnet_jax.testing.torch_reference import nchw, randomize_torch_model, relative_error
 
 NAME = 'ghostnet_050'
 

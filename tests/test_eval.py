@@ -27,7 +27,7 @@ from ghostnet_jax import convert, eval_lib
 from ghostnet_jax.datasets import prepare_digits
 from ghostnet_jax import input_pipeline as ip
 from eval_mock_data import N_CLASSES, N_MOCK, mock
-from torch_reference import nchw, randomize_torch_model, relative_error
+from ghostnet_jax.testing.torch_reference import nchw, randomize_torch_model, relative_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BATCH = 8  # Not a divisor of N_MOCK.

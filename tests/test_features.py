@@ -34,7 +34,7 @@ from ghostnet_jax import convert, ops
 from ghostnet_jax.g_ghost import GGhostRegNet
 from ghostnet_jax.utils import abstract_variables
 from test_ghostnetv3 import condition_torch_model
-from torch_reference import (nchw, nhwc, random_flax_variables,
+from ghostnet_jax.testing.torch_reference import (nchw, nhwc, random_flax_variables,
                              randomize_torch_model, relative_error)
 
 TOL = 1e-4

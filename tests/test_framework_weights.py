@@ -20,7 +20,7 @@ import pytest
 import ghostnet_jax
 from ghostnet_jax import download, sources
 import extras
-from torch_reference import compiled_apply, relative_error
+from ghostnet_jax.testing.torch_reference import compiled_apply, relative_error
 from weights_server import WeightsServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))

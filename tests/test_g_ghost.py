@@ -1,6 +1,6 @@
 """G-Ghost RegNetX and the GGhostStage wrapper.
 
-The PyTorch side is ``tests/g_ghost_reference.py``, an independent
+The PyTorch side is ``ghostnet_jax/testing/g_ghost_reference.py``, an independent
 implementation with the official module names. Parity tests randomise every
 weight and every BatchNorm statistic of it, save the state_dict to a real
 ``.pth`` file and load that with the generic converter.
@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-import g_ghost_reference as R
+from ghostnet_jax.testing import g_ghost_reference as R
 import ghostnet_jax as gj
 from ghostnet_jax import convert, g_ghost, registry
 from ghostnet_jax.layers import BatchNorm, Conv2d
 from ghostnet_jax.utils import abstract_variables
-from torch_reference import (nchw, nhwc, random_flax_variables,
+from ghostnet_jax.testing.torch_reference import (nchw, nhwc, random_flax_variables,
                              randomize_torch_model, relative_error)
 
 MODELS = list(R.CONFIGS)

@@ -17,7 +17,7 @@ import torch
 import ghostnet_jax
 from ghostnet_jax import convert
 from ghostnet_jax.utils import abstract_variables
-from torch_reference import (compiled_apply, nchw, nhwc, random_flax_variables,
+from ghostnet_jax.testing.torch_reference import (compiled_apply, nchw, nhwc, random_flax_variables,
                              randomize_torch_model, relative_error)
 
 WIDTHS = {'ghostnet_050': 0.5, 'ghostnet_100': 1.0, 'ghostnet_130': 1.3}

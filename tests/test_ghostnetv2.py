@@ -25,7 +25,7 @@ from ghostnet_jax.ghostnetv2 import (DFCAttention, GhostModuleV2,
                                      torch_nearest_indices)
 from ghostnet_jax.macs import _trace
 from ghostnet_jax.utils import abstract_variables
-from torch_reference import compiled_apply, nchw, nhwc, randomize_torch_model, relative_error
+from ghostnet_jax.testing.torch_reference import compiled_apply, nchw, nhwc, randomize_torch_model, relative_error
 
 WIDTHS = {'ghostnetv2_100': 1.0, 'ghostnetv2_130': 1.3, 'ghostnetv2_160': 1.6}
 PARAMS = {'ghostnetv2_100': 6_156_908, 'ghostnetv2_130': 8_960_404,

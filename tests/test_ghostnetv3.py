@@ -23,7 +23,7 @@ from ghostnet_jax.ghostnetv3 import (GhostModuleV3, _fold,
                                      official_to_timm_key,
                                      timm_to_official_key)
 from ghostnet_jax.registry import get_entry
-from torch_reference import compiled_apply, nchw, nhwc, randomize_torch_model, relative_error
+from ghostnet_jax.testing.torch_reference import compiled_apply, nchw, nhwc, randomize_torch_model, relative_error
 
 PARAMS = {  # (training form, deploy form), 1000 classes.
     'ghostnetv3_050': (3_395_384, 2_853_176),

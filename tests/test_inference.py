@@ -13,7 +13,7 @@ import pytest
 
 import ghostnet_jax
 from ghostnet_jax import inference
-from torch_reference import (compiled_apply, random_flax_variables,
+from ghostnet_jax.testing.torch_reference import (compiled_apply, random_flax_variables,
                              relative_error)
 
 CASES = [

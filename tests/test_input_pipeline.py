@@ -415,7 +415,7 @@ def test_unknown_and_unprepared_datasets(tmp_path):
 @pytest.fixture(scope='module')
 def digits_dir(tmp_path_factory):
   data_dir = str(tmp_path_factory.mktemp('tfds'))
-  info = digits.prepare_digits(data_dir)
+  info = ip.get_dataset_info(digits.prepare_digits(data_dir), data_dir)
   return data_dir, info
 
 
@@ -469,7 +469,7 @@ def test_prepare_digits_is_a_no_op_when_built(digits_dir):
   marker = os.path.join(data_dir, 'ghostnet_digits', '32', '1.0.0',
                         'dataset_info.json')
   before = os.stat(marker).st_mtime_ns
-  assert digits.prepare_digits(data_dir) == info
+  assert digits.prepare_digits(data_dir) == info.name == 'ghostnet_digits/32'
   assert os.stat(marker).st_mtime_ns == before
   with pytest.raises(ValueError, match='available sizes'):
     digits.prepare_digits(data_dir, image_size=48)

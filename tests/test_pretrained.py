@@ -16,7 +16,7 @@ import torch
 
 import ghostnet_jax
 from ghostnet_jax import convert, download, pretrained, sources
-from torch_reference import (compiled_apply, nchw, randomize_torch_model,
+from ghostnet_jax.testing.torch_reference import (compiled_apply, nchw, randomize_torch_model,
                              relative_error)
 from weights_server import WeightsServer
 

@@ -65,7 +65,7 @@ def test_backbone_starts_from_a_torch_checkpoint(seg, timm, tmp_path):
   import jax
   import torch
   from ghostnet_jax import convert
-  from torch_reference import randomize_torch_model
+  from ghostnet_jax.testing.torch_reference import randomize_torch_model
   tmodel = timm.create_model('ghostnet_050', pretrained=False).eval()
   randomize_torch_model(tmodel, seed=3)
   path = tmp_path / 'ghostnet_050.pth'

@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ghostnet_jax.conv_rewrites import depthwise_conv2d_xla
 from ghostnet_jax.shapes import conv_out_size
 
 LIBRARY = '_depthwise_cpu.so'  # the name build.py writes
@@ -232,7 +233,7 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides,
   Returns:
     ``(N, Ho, Wo, C)`` with ``Ho = (H + top + bottom - kh) // sh + 1``, in
     ``jnp.result_type(x, kernel)``. Dtypes other than float32, bfloat16 and
-    float16 are computed by :func:`ghostnet_jax.ops.depthwise_conv2d_xla`.
+    float16 are computed by :func:`ghostnet_jax.conv_rewrites.depthwise_conv2d_xla`.
   """
   strides, padding = _normalize(strides, padding)
   if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2:] != (1, x.shape[3]):
@@ -245,8 +246,7 @@ def depthwise_conv2d(x: jax.Array, kernel: jax.Array, strides,
   empty = any(conv_out_size(x.shape[1 + a], kernel.shape[a], strides[a],
                         padding[a]) < 1 for a in (0, 1))
   if dtype not in _FLOAT32_COMPATIBLE or empty or x.size == 0:
-    from ghostnet_jax import ops  # pylint: disable=g-import-not-at-top
-    return ops.depthwise_conv2d_xla(x, kernel, strides, padding)
+    return depthwise_conv2d_xla(x, kernel, strides, padding)
   y = _depthwise_f32(x.astype(jnp.float32), kernel.astype(jnp.float32),
                      strides, padding)
   return y.astype(dtype)
