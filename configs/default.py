@@ -89,6 +89,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.end_lr = 0.0                       # cosine end value
   c.step_decay_epochs = 2.4            # 'step' schedule: decay period (epochs)
   c.step_decay_rate = 0.973            # 'step' schedule: factor per period
+  c.lr_noise = ()                      # timm's --lr-noise: (start, end) fractions of the run
+                                       # in which each epoch's lr is scaled by 1 + noise (() off)
+  c.lr_noise_pct = 0.67                # |noise| < pct (timm's --lr-noise-pct)
+  c.lr_noise_std = 1.0                 # noise ~ std * N(0, 1), redrawn until |noise| < pct
   c.weight_decay = 5e-5                # L2 added to the gradient
   c.decay_bn_and_bias = False          # also decay BatchNorm parameters and biases
   c.label_smoothing = 0.1

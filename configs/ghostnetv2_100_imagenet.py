@@ -7,8 +7,9 @@ dropout 0.2, EMA 0.9999, label smoothing 0.1, AMP, RandAugment
 ``rand-m9-mstd0.5`` (bicubic resampling, fill = ImageNet mean) and random
 erasing 0.2 in per-pixel mode (timm's ``--reprob 0.2 --remode pixel``);
 timm's colour jitter is off whenever RandAugment is on, and mixup/CutMix
-are off (timm's defaults). Paper: 75.3% top-1. Not implemented here: lr
-noise 0.42-0.9 (timm's per-epoch random lr multiplier); and optax applies
+are off (timm's defaults), lr noise 0.42-0.9 (a random lr factor per epoch
+from 42% to 90% of the run; the same distribution as timm's, JAX's draws).
+Paper: 75.3% top-1. Not reproduced exactly: optax applies
 the learning rate after the momentum (timm's RMSpropTF folds it into the
 momentum buffer), which differs only while the learning rate changes.
 
@@ -53,4 +54,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.ema_decay = 0.9999
   c.rand_augment = 'rand-m9-mstd0.5'
   c.random_erasing = 0.2
+  c.lr_noise = (0.42, 0.9)
   return c

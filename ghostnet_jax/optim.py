@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 SCHEDULES = ('cosine', 'step', 'constant')
@@ -72,6 +73,37 @@ def make_schedule(*, schedule: str, learning_rate: float, total_steps: int,
   # step decay counts periods from step 0 (warmup included), so shift back.
   return optax.join_schedules(
       [warmup, lambda step: after(step + warmup_steps)], [warmup_steps])
+
+
+def with_lr_noise(schedule: optax.Schedule, *, steps_per_epoch: int,
+                  total_epochs: float, noise_range: tuple[float, ...],
+                  pct: float = 0.67, std: float = 1.0,
+                  seed: int = 42) -> optax.Schedule:
+  """``schedule`` times a random factor per epoch: timm's ``--lr-noise``.
+
+  In epoch ``e`` (0-based, ``floor(step / steps_per_epoch)``) with
+  ``noise_range[0] * total_epochs <= e < noise_range[1] * total_epochs``
+  (no upper end when ``noise_range`` has one entry), the learning rate is
+  multiplied by ``1 + n_e``, ``n_e ~ std * N(0, 1)`` conditioned on
+  ``|n_e| < pct``: the distribution of timm's schedulers. The draws are
+  JAX's (``fold_in(key(seed), e)``), not torch's, so the factors are not
+  timm's numbers; they are fixed by ``seed`` and the epoch, so a resumed run
+  sees the same ones. An empty ``noise_range`` returns ``schedule``.
+  """
+  if not noise_range:
+    return schedule
+  start = noise_range[0] * total_epochs
+  end = noise_range[1] * total_epochs if len(noise_range) > 1 else float('inf')
+  key = jax.random.key(seed)
+
+  def noisy(step):
+    epoch = jnp.floor_divide(jnp.asarray(step, jnp.int32), steps_per_epoch)
+    noise = std * jax.random.truncated_normal(
+        jax.random.fold_in(key, epoch), -pct / std, pct / std)
+    on = (epoch >= start) & (epoch < end)
+    return schedule(step) * jnp.where(on, 1.0 + noise, 1.0)
+
+  return noisy
 
 
 def _staircase(learning_rate: float, period: float,

@@ -158,7 +158,8 @@ FIELDS = REQUIRED_FIELDS + (
     'hflip', 'worker_count', 'eval_batch_size', 'num_epochs', 'optimizer',
     'learning_rate', 'momentum', 'nesterov', 'rmsprop_decay', 'rmsprop_eps',
     'schedule', 'warmup_epochs', 'warmup_steps', 'warmup_init_lr', 'end_lr',
-    'step_decay_epochs', 'step_decay_rate', 'weight_decay',
+    'step_decay_epochs', 'step_decay_rate', 'lr_noise', 'lr_noise_pct',
+    'lr_noise_std', 'weight_decay',
     'decay_bn_and_bias', 'label_smoothing', 'grad_clip_norm', 'ema_decay',
     'mesh_shape', 'fsdp_min_size', 'distributed', 'coordinator_address',
     'num_processes', 'process_id', 'keep_checkpoints',
@@ -259,6 +260,7 @@ def _check_the_rest(config) -> None:
                                         config.step_decay_rate > 0):
     raise ConfigError('config.step_decay_epochs and config.step_decay_rate '
                       'must be > 0 for the step schedule.')
+  _check_lr_noise(config)
   g = config.bn_batch_groups
   if not isinstance(g, int) or (g < 1 and g != -1):
     raise ConfigError(f'config.bn_batch_groups must be -1 (one group per '
@@ -277,6 +279,21 @@ def _check_the_rest(config) -> None:
     remat.check_config(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+
+
+def _check_lr_noise(config) -> None:
+  noise = tuple(config.lr_noise or ())
+  if noise and not (
+      len(noise) in (1, 2)
+      and all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in noise)
+      and list(noise) == sorted(noise)):
+    raise ConfigError(f'config.lr_noise must be () (off), (start,) or '
+                      f'(start, end): fractions of the run in [0, 1], '
+                      f'start <= end; got {config.lr_noise!r}.')
+  if noise and not (config.lr_noise_pct > 0 and config.lr_noise_std > 0):
+    raise ConfigError('config.lr_noise_pct and config.lr_noise_std must be '
+                      f'> 0; got {config.lr_noise_pct!r}, '
+                      f'{config.lr_noise_std!r}.')
 
 
 def validate_devices(config: ml_collections.ConfigDict, num_devices: int,
@@ -757,6 +774,11 @@ def build_optimizer(config, length: RunLength
       warmup_init_lr=config.warmup_init_lr, end_lr=config.end_lr,
       decay_steps=config.step_decay_epochs * length.steps_per_epoch,
       decay_rate=config.step_decay_rate)
+  schedule = optim.with_lr_noise(
+      schedule, steps_per_epoch=length.steps_per_epoch,
+      total_epochs=length.total_steps / length.steps_per_epoch,
+      noise_range=tuple(config.lr_noise), pct=config.lr_noise_pct,
+      std=config.lr_noise_std, seed=config.seed)
   tx = optim.make_optimizer(
       optimizer=config.optimizer, schedule=schedule,
       momentum=config.momentum, nesterov=config.nesterov,

@@ -171,6 +171,9 @@ def test_resolve_mesh_shape():
     ('mesh_shape', (3, -1, 1), 'config.mesh_shape: mesh_shape must have 2 entries'),
     ('mesh_shape', (-1, -1), 'config.mesh_shape: mesh_shape entries must be positive'),
     ('init_from', '/nonexistent/ckpt', 'config.init_from'),
+    ('lr_noise', (0.9, 0.42), r'config.lr_noise must be \(\) \(off\)'),
+    ('lr_noise', (0.1, 0.5, 0.9), 'config.lr_noise must be'),
+    ('lr_noise', (0.42, 1.5), 'config.lr_noise must be'),
 ])
 def test_validate_config_names_the_field(field, value, match):
   config = train_test_utils.tiny_config(**{field: value})
@@ -506,3 +509,55 @@ def test_default_workdir_name():
       'workdirs', 'default')
   assert train.default_workdir('/x/configs/ghostnet_100_imagenet.py:smoke') == (
       os.path.join('workdirs', 'ghostnet_100_imagenet'))
+
+
+def test_lr_noise_has_timms_range_and_distribution():
+  """``config.lr_noise`` against timm's StepLRScheduler with ``noise``: the
+  same epochs are perturbed, each epoch by one factor, with the same
+  distribution of factors (timm draws with torch, we with JAX)."""
+  import torch
+  from ghostnet_jax.testing.torch_reference import import_timm
+  import_timm()
+  from timm.scheduler import StepLRScheduler as step_lr
+  epochs, per_epoch, pct = 4000, 3, 0.67
+  base = optim.make_schedule(schedule='step', learning_rate=0.064,
+                             total_steps=epochs * per_epoch,
+                             decay_steps=2.4 * per_epoch, decay_rate=0.9995)
+  noisy = optim.with_lr_noise(base, steps_per_epoch=per_epoch,
+                              total_epochs=epochs, noise_range=(0.42, 0.9),
+                              pct=pct, seed=0)
+  steps = np.arange(epochs * per_epoch)
+  ours = np.asarray(jax.jit(jax.vmap(noisy))(steps)) / np.asarray(
+      jax.jit(jax.vmap(base))(steps)) - 1
+  ours = ours.reshape(epochs, per_epoch)
+  np.testing.assert_allclose(ours, ours[:, :1].repeat(per_epoch, 1),
+                             atol=1e-6)  # one factor per epoch
+  ours = ours[:, 0]
+
+  opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.064)
+  sched = step_lr(opt, decay_t=2.4, decay_rate=0.9995,
+                  noise_range_t=(0.42 * epochs, 0.9 * epochs), noise_pct=pct,
+                  noise_seed=0)
+  plain = step_lr(torch.optim.SGD([torch.zeros(1, requires_grad=True)],
+                                  lr=0.064), decay_t=2.4, decay_rate=0.9995)
+  theirs = np.array([  # pylint: disable=protected-access
+      sched._add_noise(plain._get_lr(e), e)[0] / plain._get_lr(e)[0] - 1
+      for e in range(epochs)])
+  on_ours, on_theirs = ours != 0, np.abs(theirs) > 0
+  np.testing.assert_array_equal(on_ours, on_theirs)  # the same epochs
+  assert on_ours.sum() == 1920  # [1680, 3600)
+  a, b = ours[on_ours], theirs[on_theirs]
+  assert np.abs(a).max() < pct and np.abs(b).max() < pct
+  assert abs(a.mean()) < 0.02 and abs(b.mean()) < 0.02
+  print(f"LR_NOISE std ours {a.std():.4f} timm {b.std():.4f}, mean {a.mean():.4f} {b.mean():.4f}")
+  assert abs(a.std() / b.std() - 1) < 0.05, (a.std(), b.std())
+  assert abs(np.mean(np.abs(a) > 0.5) - np.mean(np.abs(b) > 0.5)) < 0.03
+  # Fixed by the seed; another seed, other factors.
+  again = optim.with_lr_noise(base, steps_per_epoch=per_epoch,
+                              total_epochs=epochs, noise_range=(0.42, 0.9),
+                              pct=pct, seed=0)
+  other = optim.with_lr_noise(base, steps_per_epoch=per_epoch,
+                              total_epochs=epochs, noise_range=(0.42, 0.9),
+                              pct=pct, seed=1)
+  assert float(again(6000)) == float(noisy(6000))
+  assert float(other(6000)) != float(noisy(6000))
