@@ -236,3 +236,43 @@ def test_two_processes_equal_one_process(tmp_path, digits_dir):
   chex.assert_trees_all_close(a['variables'], b['variables'], rtol=RTOL,
                               atol=ATOL)
   assert os.path.exists(tmp_path / 'two' / 'final_metrics.json')
+
+
+IMAGENET_CONFIGS = ('ghostnet_100_imagenet', 'ghostnetv2_100_imagenet',
+                    'ghostnetv3_100_imagenet', 'g_ghost_regnetx_032_imagenet')
+
+
+@pytest.mark.slow
+def test_imagenet_configs_build_their_step_on_8_devices():
+  """Every ImageNet recipe, unchanged, through the trainer's builders on 8
+  CPU devices with mock imagenet2012 (tests/configs_build_worker.py)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ,
+             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  worker = os.path.join(os.path.dirname(__file__), 'configs_build_worker.py')
+  proc = subprocess.run([sys.executable, worker, *IMAGENET_CONFIGS],
+                        env=env, capture_output=True, text=True, timeout=1200,
+                        check=False)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  built = {}
+  for line in proc.stdout.splitlines():
+    if line.startswith('BUILT '):
+      b = json.loads(line[len('BUILT '):])
+      built[b['config']] = b
+  assert sorted(built) == sorted(IMAGENET_CONFIGS), proc.stdout[-2000:]
+  for name, b in built.items():
+    config = importlib.import_module(f'configs.{name}').get_config()
+    size = config.image_size
+    assert b['devices'] == 8 and b['num_partitions_8'], b
+    assert b['mesh'][0] * b['mesh'][1] == 8, b
+    assert b['batch']['image'] == [[config.batch_size, size, size, 3],
+                                   'float32'], b
+    assert b['teacher'] == name.startswith('ghostnetv3'), b
+    wants_augment = bool(config.rand_augment or config.color_jitter
+                         or config.random_erasing or config.mixup
+                         or config.cutmix)
+    assert b['augment'] == wants_augment, b
+    print(f"BUILT {name}: {b['model']} batch {config.batch_size} at {size}px "
+          f"on mesh {b['mesh']}, {b['build_s']} s")
