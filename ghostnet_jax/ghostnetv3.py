@@ -425,6 +425,23 @@ def reparameterize(name: str, variables: Mapping, *, eps: float = 1e-5,
   return out
 
 
+def deploy_form(model: 'GhostNetV3', variables: Mapping
+                ) -> tuple['GhostNetV3', dict]:
+  """``(model in deploy form, its variables)`` from a training-form module.
+
+  What :func:`reparameterize` does for a registry name, for a module in hand
+  (the trainer's, with its own fields such as ``dtype`` or
+  ``bn_batch_groups``). ``variables``: host arrays (``numpy``) of ``model``.
+  The models' BatchNorms use PyTorch's epsilon, 1e-5. A module already in
+  deploy form is returned as it is.
+  """
+  if model.deploy:
+    return model, dict(variables)
+  params, stats = _fold(variables['params'], variables.get('batch_stats', {}),
+                        1e-5)
+  return model.clone(deploy=True), {'params': params, 'batch_stats': stats}
+
+
 # ----------------------------------------------------------------- registry
 
 

@@ -76,6 +76,7 @@ from ghostnet_jax import augment
 from ghostnet_jax import checkpoint as ckpt_lib
 from ghostnet_jax import data_faults
 from ghostnet_jax import evaluation
+from ghostnet_jax import ghostnetv3
 from ghostnet_jax import distill
 from ghostnet_jax import input_pipeline
 from ghostnet_jax import integrity
@@ -955,12 +956,23 @@ def eval_variables(state: TrainState) -> dict:
   return {'params': state.params, 'batch_stats': state.batch_stats}
 
 
+def evaluated_form(model: nn.Module, variables) -> tuple[nn.Module, Any]:
+  """The model and variables evaluation runs: a GhostNetV3 trained in its
+  re-parameterisable form is evaluated in its deploy form (branches folded
+  on the host in float64, as it will be exported); others as they are."""
+  if isinstance(model, ghostnetv3.GhostNetV3) and not model.deploy:
+    host = multihost_utils.process_allgather(variables, tiled=True)
+    return ghostnetv3.deploy_form(model, host)
+  return model, variables
+
+
 def evaluate_state(model, state: TrainState, data: Data, num_classes: int,
                    mesh) -> dict:
   """One pass over the eval split with :mod:`ghostnet_jax.evaluation` (the
-  evaluator ``eval.py`` uses): ``eval_loss``, ``eval_top1``, ``eval_top5``
-  (fractions) and ``eval_count``."""
-  sums = evaluation.evaluate_batches(model, eval_variables(state),
+  evaluator ``eval.py`` uses), in :func:`evaluated_form`: ``eval_loss``,
+  ``eval_top1``, ``eval_top5`` (fractions) and ``eval_count``."""
+  model, variables = evaluated_form(model, eval_variables(state))
+  sums = evaluation.evaluate_batches(model, variables,
                                      data.eval_batches(),
                                      num_classes=num_classes, mesh=mesh)
   n = max(sums['count'], 1)
@@ -1078,6 +1090,8 @@ def final_report(config, workdir: str, result: LoopResult,
       'eval_examples': last_eval.get('eval_count'),
       'eval_split': config.eval_split,
       'evaluated_ema': config.ema_decay > 0,
+      'evaluated_form': ('deploy' if config.model.startswith('ghostnetv3')
+                         else 'as trained'),
       'best_step': checkpointer.best_step(),
       'nonfinite_steps_skipped': monitor.skipped,
       'wall_time_s': time.perf_counter() - run_start,

@@ -561,3 +561,41 @@ def test_lr_noise_has_timms_range_and_distribution():
                               pct=pct, seed=1)
   assert float(again(6000)) == float(noisy(6000))
   assert float(other(6000)) != float(noisy(6000))
+
+
+@pytest.mark.slow
+def test_ghostnetv3_is_evaluated_in_its_deploy_form(monkeypatch):
+  """The trainer evaluates a GhostNetV3 trained in its re-parameterisable
+  form through the folded deploy model, with the same results."""
+  from ghostnet_jax import evaluation, registry
+  from ghostnet_jax import sharding as shd
+  model = registry.create_model('ghostnetv3_050', num_classes=10)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((8, 40, 40, 3)).astype(np.float32)
+  batch = {'image': x, 'label': rng.integers(0, 10, 8).astype(np.int32),
+           'mask': np.ones(8, np.float32)}
+  v = jax.jit(model.init)(jax.random.key(0), x[:1])
+  # Running statistics away from (0, 1), so folding them matters.
+  v['batch_stats'] = jax.tree_util.tree_map(
+      lambda a: a + rng.uniform(0.1, 0.5, a.shape).astype(a.dtype),
+      v['batch_stats'])
+  state = train_lib.TrainState(step=jnp.zeros((), jnp.int32),
+                               params=v['params'],
+                               batch_stats=v['batch_stats'], opt_state=None)
+
+  class Data:
+    def eval_batches(self):
+      return iter([batch])
+
+  used = []
+  compiled = evaluation.compiled_eval_step
+  monkeypatch.setattr(evaluation, 'compiled_eval_step',
+                      lambda m, *a, **k: used.append(m) or compiled(m, *a, **k))
+  mesh = shd.make_mesh((-1, 1))
+  got = train_lib.evaluate_state(model, state, Data(), 10, mesh)
+  assert [m.deploy for m in used] == [True]
+  want = evaluation.evaluate_batches(model, v, [batch], num_classes=10,
+                                     mesh=mesh)
+  np.testing.assert_allclose(got['eval_loss'], want['loss'] / 8, rtol=1e-5)
+  assert got['eval_top1'] == want['top1'] / 8
+  assert got['eval_top5'] == want['top5'] / 8
