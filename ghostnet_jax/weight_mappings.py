@@ -27,9 +27,12 @@ turned into an official-layout ``{torch key: numpy array (torch shape)}``:
   rules. Two differences the model cannot absorb: the stem's input channels
   are flipped (the TF model reads BGR images, ours RGB), and TF pads
   ``'SAME'``, so the weights belong to ``GhostNet(padding='tf_same')``.
-  BatchNorm eps is 1e-5, ours: the layers are tensorpack ``BatchNorm`` calls
-  with its default eps (the slim arg-scope's 1e-3 only reaches
-  ``slim.batch_norm``, which the network does not call).
+  BatchNorm eps is 1e-5, as ours and Paddle's (``PADDLE_BN_EPS``, used to
+  fold the head): the layers are tensorpack ``BatchNorm`` calls (``epsilon=
+  1e-5`` by default) and no argscope sets it (the slim arg-scope's 1e-3 only
+  reaches ``slim.batch_norm``, which the network does not call). Images are
+  normalised per colour with the ImageNet mean/std (in BGR order there), so
+  after the flip the usual RGB mean/std apply.
 * ``mindcv``: mindcv's ``ghostnet_*`` (the official architecture; BN leaves
   ``gamma/beta/moving_mean/moving_variance``; last 1x1 ``blocks.9.features``).
 * ``ms_zoo``: MindSpore model zoo ``research/cv/ghostnet`` (flat ``blocks.0``
@@ -205,7 +208,6 @@ def _fold_head(head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------- TensorFlow
 
-TF_BN_EPS = 1e-5  # tensorpack BatchNorm's default (module docstring)
 TF_SCOPE = 'MobileNetV2/'  # the official model's variable scope
 _TF_BN = {'gamma': 'weight', 'beta': 'bias', 'mean/EMA': '_mean',
           'variance/EMA': '_variance'}

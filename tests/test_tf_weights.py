@@ -196,9 +196,11 @@ def test_conv_same_matches_tensorflow():
   import jax
   rng = np.random.default_rng(0)
   x = rng.normal(size=(1, 8, 9, 4)).astype(np.float32)
-  for k, groups in ((3, 1), (5, 4)):
+  cases = [(k, groups, impl) for k in (3, 5) for groups in (1, 4)
+           for impl in ('lax', 'xla', 'ffi')]
+  for k, groups, impl in cases:  # every lowering, asymmetric pads included
     conv = layers.Conv2d(4, k, strides=2, padding='SAME', groups=groups,
-                         impl='lax')
+                         impl=impl)
     variables = conv.init(jax.random.PRNGKey(0), x)
     kernel = np.asarray(variables['params']['kernel'])
     y = np.asarray(conv.apply(variables, x))
@@ -207,7 +209,8 @@ def test_conv_same_matches_tensorflow():
     else:  # (k, k, 1, C) -> TF depthwise (k, k, C, 1)
       want = tf.nn.depthwise_conv2d(x, kernel.transpose(0, 1, 3, 2),
                                     [1, 2, 2, 1], padding='SAME')
-    np.testing.assert_allclose(y, np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(y, np.asarray(want), rtol=1e-5, atol=1e-5,
+                               err_msg=f'k={k} groups={groups} impl={impl}')
   with pytest.raises(ValueError, match="padding must be None, 'SAME'"):
     layers.Conv2d(4, 3, padding='VALID').init(jax.random.PRNGKey(0), x)
   with pytest.raises(ValueError, match='padding must be one of'):
