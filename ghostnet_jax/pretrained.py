@@ -93,7 +93,8 @@ def resolve_source(name: str, source: str | None = None
     return sources.WeightSource(model=name, tag=source, url=source,
                                 format=fmt, layout=_FORMAT_LAYOUT[fmt],
                                 top1=None, preprocess='')
-  if os.path.exists(source) or os.sep in source or source.startswith('.'):
+  if (os.path.exists(source) or os.path.exists(source + '.index')
+      or os.sep in source or source.startswith('.')):
     path = os.path.abspath(source)
     tf_index = weight_readers.tf_bundle_prefix(path) + '.index'
     if os.path.isfile(tf_index) and not path.endswith(

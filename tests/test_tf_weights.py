@@ -226,6 +226,8 @@ def test_tf_checkpoint_logits_equal_tensorflow(bundle, tmp_path, monkeypatch,
   # A local bundle, given by its index (by prefix it is the same file).
   assert pretrained.resolve_source(NAME, bundle['prefix']).url == \
       bundle['prefix'] + '.index'
+  monkeypatch.chdir(os.path.dirname(bundle['prefix']))  # a bare prefix
+  assert pretrained.resolve_source(NAME, 'ghostnet_checkpoint').format == 'tf'
   variables = ghostnet_jax.load_pretrained(NAME, bundle['prefix'] + '.index',
                                            cache_dir=cache)
   assert "create_model('ghostnet_100', padding='tf_same')" in \
@@ -259,6 +261,8 @@ def test_tf_checkpoint_logits_equal_tensorflow(bundle, tmp_path, monkeypatch,
   finally:
     server.close()
   assert (cache / 'downloads' / NAME / 'ghostnet_checkpoint.index').is_file()
+  assert (cache / 'downloads' / NAME /
+          'ghostnet_checkpoint.data-00000-of-00001').is_file()
   err = relative_error(np.asarray(apply(served, bundle['x'])),
                        bundle['logits'])
   assert err <= 1e-4, err
