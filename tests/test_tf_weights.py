@@ -218,6 +218,18 @@ def test_conv_same_matches_tensorflow():
         jax.random.PRNGKey(0), x[..., :3])
 
 
+def test_official_names_map_onto_ghostnet_100_exactly():
+  """Without TensorFlow: the 435 official variables become exactly the
+  variables of ghostnet_100 (none missing, none left over, shapes right)."""
+  from ghostnet_jax import weight_mappings
+  weights = _random_weights()
+  sd = weight_mappings.tf_to_official(weights, convert.torch_layout(NAME))
+  variables = convert.state_dict_to_variables(sd, NAME, source='tf')
+  stem = np.asarray(variables['params']['conv_stem']['kernel'])
+  np.testing.assert_array_equal(  # BGR -> RGB
+      stem, weights[SCOPE + 'Conv2d_0/W'][:, :, ::-1, :])
+
+
 def test_tf_checkpoint_logits_equal_tensorflow(bundle, tmp_path, monkeypatch,
                                                capsys):
   src = pretrained.resolve_source(NAME, 'tf')
