@@ -52,6 +52,8 @@ GHOSTNET_BLOCKS: tuple[tuple[tuple[int, int, int, float, int], ...], ...] = (
 STEM_CHANNELS = 16
 LAST_CHANNELS = 960
 HEAD_CHANNELS = 1280
+# ``GhostNet.padding``: PyTorch's symmetric k // 2, or TensorFlow's 'SAME'.
+PADDINGS = ('torch', 'tf_same')
 
 
 class GhostModule(nn.Module):
@@ -246,6 +248,12 @@ class GhostNet(nn.Module):
     features_only: return the list of feature maps of ``out_indices``.
     out_indices: feature levels to return (``None``: all five).
     output_stride: 32, 16 or 8 (strides past it become dilation).
+    padding: ``'torch'`` (default): every convolution pads symmetrically,
+      ``k // 2``, as the official PyTorch code; ``'tf_same'``: TensorFlow's
+      ``'SAME'``, computed from each layer's input size (at stride 2 on an
+      even size k=3 pads ``(0, 1)``, k=5 ``(1, 2)``), as the official
+      TensorFlow GhostNet, whose checkpoint needs it
+      (``load_pretrained(name, source='tf')``). Same parameters either way.
   """
   width: float = 1.0
   num_classes: int = 1000
@@ -258,6 +266,7 @@ class GhostNet(nn.Module):
   features_only: bool = False
   out_indices: Sequence[int] | None = None
   output_stride: int = 32
+  padding: str = 'torch'
 
   def feature_levels(self, selected: bool = False) -> list[FeatureLevel]:
     """The feature levels (all, or those of ``out_indices``), no computing."""
@@ -279,7 +288,12 @@ class GhostNet(nn.Module):
     return levels
 
   def layer_factories(self) -> tuple[ModuleDef, ModuleDef]:
-    conv = functools.partial(Conv2d, dtype=self.dtype, impl=self.conv_impl)
+    if self.padding not in PADDINGS:
+      raise ValueError(f'{type(self).__name__}: padding must be one of '
+                       f'{PADDINGS}, got {self.padding!r}.')
+    pad = {'padding': 'SAME'} if self.padding == 'tf_same' else {}
+    conv = functools.partial(Conv2d, dtype=self.dtype, impl=self.conv_impl,
+                             **pad)
     norm = functools.partial(BatchNorm, dtype=self.dtype,
                              batch_groups=self.bn_batch_groups)
     return conv, norm

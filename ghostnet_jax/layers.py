@@ -5,7 +5,7 @@ Conventions (all modules):
 * Images and feature maps are NHWC: ``(N, H, W, C)``.
 * Convolution kernels are ``(kh, kw, in // groups, out)``; padding is
   symmetric ``k // 2`` as in PyTorch (not XLA's ``'SAME'``, which pads stride-2
-  convolutions asymmetrically).
+  convolutions asymmetrically; ``Conv2d(padding='SAME')`` gives that one).
 * BatchNorm uses PyTorch's defaults: eps 1e-5, momentum 0.1 (written 0.9 in
   Flax's convention), running variance updated with the *unbiased* batch
   variance. Parameters ``scale``/``bias``, statistics ``mean``/``var`` in the
@@ -82,8 +82,10 @@ class Conv2d(nn.Module):
     kernel_size: int or ``(kh, kw)``.
     strides: int or ``(sh, sw)``.
     padding: ``None`` for symmetric ``dilation * (k - 1) // 2`` (``k // 2``
-      undilated); an int for the same padding on all sides; or
-      ``((top, bottom), (left, right))``.
+      undilated); ``'SAME'`` for TensorFlow's ``'SAME'``, computed from the
+      input size at trace time (asymmetric at stride 2 on even sizes; see
+      :func:`ghostnet_jax.ops.same_padding`); an int for the same padding on
+      all sides; or ``((top, bottom), (left, right))``.
     groups: feature groups; ``groups == Cin == features`` is depthwise.
     use_bias: add a learned bias.
     dtype: computation dtype.
@@ -119,6 +121,12 @@ class Conv2d(nn.Module):
     padding = self.padding
     if padding is None:
       padding = ops.same_padding((kh, kw), self.dilation)
+    elif isinstance(padding, str):
+      if padding != 'SAME':
+        raise ValueError(f"{self.name}: padding must be None, 'SAME', an int "
+                         f'or ((top, bottom), (left, right)); got {padding!r}.')
+      padding = ops.same_padding((kh, kw), self.dilation,
+                                 input_size=x.shape[1:3], strides=self.strides)
     elif isinstance(padding, int):
       padding = ((padding, padding), (padding, padding))
     y = ops.conv2d(x.astype(self.dtype), kernel.astype(self.dtype),

@@ -2,7 +2,8 @@
 
 Every convolution in the package stores its kernel in Flax's layout
 ``(kh, kw, in_features // groups, out_features)`` and pads symmetrically, as
-PyTorch does. How the convolution is *computed* is a separate choice, the
+PyTorch does (TensorFlow's input-dependent ``'SAME'`` on request:
+:func:`same_padding`). How the convolution is *computed* is a separate choice, the
 ``impl`` argument:
 
 * ``'lax'``: ``jax.lax.conv_general_dilated`` for everything. The reference
@@ -107,11 +108,29 @@ def resolve_impl(impl: str, platform: str | None = None) -> str:
   return impl
 
 
-def same_padding(kernel_size, dilation=1) -> tuple[tuple[int, int], tuple[int, int]]:
-  """PyTorch-style symmetric padding ``k // 2`` on each side (odd kernels)."""
+def same_padding(kernel_size, dilation=1, *, input_size=None, strides=1
+                 ) -> tuple[tuple[int, int], tuple[int, int]]:
+  """``((top, bottom), (left, right))`` padding that keeps ``ceil(n / s)``.
+
+  Without ``input_size``: PyTorch's symmetric ``dilation * (k - 1) // 2`` on
+  each side (odd kernels), the package default; it does not depend on the
+  input.
+
+  With ``input_size=(H, W)``: TensorFlow's (and XLA's) ``'SAME'`` for that
+  input and ``strides``. Per axis the total is ``max((ceil(n / s) - 1) * s +
+  d * (k - 1) + 1 - n, 0)``, the smaller half before: asymmetric whenever
+  the total is odd, e.g. ``(0, 1)`` for k=3, s=2 and ``(1, 2)`` for k=5, s=2
+  on an even ``n``. At stride 1 (odd k) it equals the symmetric padding.
+  """
   kh, kw = pair(kernel_size)
   dh, dw = pair(dilation)
-  return ((dh * (kh - 1) // 2,) * 2, (dw * (kw - 1) // 2,) * 2)
+  if input_size is None:
+    return ((dh * (kh - 1) // 2,) * 2, (dw * (kw - 1) // 2,) * 2)
+  pads = []
+  for n, k, d, s in zip(pair(input_size), (kh, kw), (dh, dw), pair(strides)):
+    total = max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0)
+    pads.append((total // 2, total - total // 2))
+  return tuple(pads)
 
 
 def is_depthwise(kernel_shape, in_features: int, groups: int) -> bool:

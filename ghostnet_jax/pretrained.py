@@ -11,7 +11,17 @@
 NAME``; default: the first loadable one), or a local file, an ``http(s)``
 URL, or ``hf-hub:ORG/REPO`` (timm's ``model.safetensors``). The file's format
 comes from the registered source, else from its name (``.safetensors``,
-``.pth``/``.pth.tar``/``.bin``/``.pt``, ``.pdparams``, ``.ckpt``).
+``.pth``/``.pth.tar``/``.bin``/``.pt``, ``.pdparams``, ``.ckpt``, and TF
+bundles as ``PREFIX``, ``PREFIX.index`` or ``PREFIX.data-*-of-*``).
+
+Some weights need a model built with extra fields, the source's
+``model_kwargs``: the official TensorFlow checkpoint (``source='tf'``, or a
+TF bundle) was trained with TF ``'SAME'`` padding, so::
+
+    model = ghostnet_jax.create_model('ghostnet_100', padding='tf_same')
+    variables = ghostnet_jax.load_pretrained('ghostnet_100', source='tf')
+
+``load_pretrained`` prints that hint on stderr whenever it applies.
 
 Files are downloaded (verified, resumable; :mod:`ghostnet_jax.download`) into
 ``<cache>/downloads``; Hub files go through ``huggingface_hub`` and its own
@@ -37,10 +47,11 @@ from ghostnet_jax import weight_readers
 
 HF_PREFIX = 'hf-hub:'
 _EXT_FORMATS = (('.safetensors', 'safetensors'), ('.pdparams', 'pdparams'),
+                ('.index', 'tf'),
                 ('.ckpt', 'mindspore'), ('.pth.tar', 'torch'), ('.pth', 'torch'),
                 ('.pt', 'torch'), ('.bin', 'torch'), ('.tar', 'torch'))
 _FORMAT_LAYOUT = {'safetensors': 'timm', 'torch': 'official',
-                  'pdparams': 'paddle', 'mindspore': 'mindcv'}
+                  'pdparams': 'paddle', 'mindspore': 'mindcv', 'tf': 'tf'}
 # Bumped when a conversion changes, so old converted copies are rebuilt.
 CONVERSION_VERSION = 1
 
@@ -82,8 +93,13 @@ def resolve_source(name: str, source: str | None = None
     return sources.WeightSource(model=name, tag=source, url=source,
                                 format=fmt, layout=_FORMAT_LAYOUT[fmt],
                                 top1=None, preprocess='')
-  if os.path.exists(source) or os.sep in source or source.startswith('.'):
+  if (os.path.exists(source) or os.path.exists(source + '.index')
+      or os.sep in source or source.startswith('.')):
     path = os.path.abspath(source)
+    tf_index = weight_readers.tf_bundle_prefix(path) + '.index'
+    if os.path.isfile(tf_index) and not path.endswith(
+        ('.safetensors', '.pdparams', '.ckpt', '.pth', '.pt', '.bin', '.tar')):
+      path = tf_index  # a TF bundle given by prefix, index or data shard
     if not os.path.isfile(path):
       raise FileNotFoundError(f'Weight file not found: {path}')
     fmt = _guess_format(path)
@@ -107,8 +123,15 @@ def _local_file(src: sources.WeightSource, root: str) -> str:
   dest = os.path.join(root, 'downloads', src.model, src.file_name) \
       if src.tag != src.url else os.path.join(
           root, 'downloads', 'url-' + _short_hash(src.url), src.file_name)
-  return download.fetch(src.url, dest, sha256=src.sha256,
+  path = download.fetch(src.url, dest, sha256=src.sha256,
                         sha256_prefix=src.sha256_prefix, size=src.size)
+  if src.format == 'tf':  # the bundle's data shard lies next to its index
+    url_prefix = weight_readers.tf_bundle_prefix(src.url)
+    for url, dest_shard in zip(
+        weight_readers.tf_data_files(url_prefix),
+        weight_readers.tf_data_files(weight_readers.tf_bundle_prefix(path))):
+      download.fetch(url, dest_shard)
+  return path
 
 
 def _hf_file(src: sources.WeightSource) -> str:
@@ -192,6 +215,8 @@ def read_state_dict(path: str, src: sources.WeightSource, name: str
     raw = weight_readers.read_pdparams(path)
   elif fmt == 'mindspore':
     raw = weight_readers.read_mindspore_ckpt(path)
+  elif fmt == 'tf':
+    raw = weight_readers.read_tf_checkpoint(path)
   else:
     raise PretrainedError(f'{path}: no reader for format {fmt!r}.')
   layout = src.layout
@@ -284,9 +309,12 @@ def load_pretrained(name: str, source: str | None = None, *,
       ``~/.cache/ghostnet_jax``).
 
   Returns:
-    ``{'params': ..., 'batch_stats': ...}`` for ``create_model(name)`` (1000
-    classes); ``model.apply(variables, images)`` takes RGB NHWC images
-    prepared as the source's ``eval_config`` says.
+    ``{'params': ..., 'batch_stats': ...}`` for ``create_model(name,
+    **src.model_kwargs)`` (1000 classes; ``src = resolve_source(name,
+    source)``; the kwargs are empty except for the TensorFlow checkpoint,
+    ``padding='tf_same'``, announced on stderr);
+    ``model.apply(variables, images)`` takes RGB NHWC images prepared as the
+    source's ``eval_config`` says.
 
   Raises:
     ValueError: unknown model or source; PretrainedError / CheckpointError /
@@ -294,6 +322,7 @@ def load_pretrained(name: str, source: str | None = None, *,
       ChecksumError, DownloadError (all OSError) for downloads.
   """
   src = resolve_source(name, source)
+  _announce_model_kwargs(src)
   root = download.cache_root(cache_dir)
   is_local = not src.url.startswith(('http://', 'https://', HF_PREFIX))
   file_sha = download.sha256_of(src.url) if is_local else None
@@ -307,6 +336,16 @@ def load_pretrained(name: str, source: str | None = None, *,
   variables = convert_file(path, src, name)
   _save_cached(directory, variables, _metadata(src, path, file_sha))
   return variables
+
+
+def _announce_model_kwargs(src: sources.WeightSource) -> None:
+  """Tells the user which model the weights need, when it is not the
+  default one (the parameters fit both; only the outputs differ)."""
+  kwargs = src.model_kwargs
+  if kwargs:
+    args = ', '.join(f'{k}={v!r}' for k, v in kwargs.items())
+    print(f'ghostnet_jax: these weights ({src.tag}) need '
+          f'create_model({src.model!r}, {args}).', file=sys.stderr)
 
 
 def describe_sources(name: str) -> str:
@@ -324,6 +363,9 @@ def describe_sources(name: str) -> str:
     lines.append(f' {mark} {s.tag:<14} {s.format:<11} top-1 {top1:>6}  '
                  f'{s.url}{state}')
     lines.append(f'     {"":<14} eval: {s.preprocess}')
+    if s.model_kwargs:
+      args = ', '.join(f'{k}={v!r}' for k, v in s.model_kwargs.items())
+      lines.append(f'     {"":<14} model: create_model({name!r}, {args})')
   lines.append(' * = default')
   return '\n'.join(lines)
 

@@ -14,14 +14,15 @@ proven in the tests (no weight file can be downloaded there).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from ghostnet_jax.registry import EvalConfig, get_entry
 
-BGR_MEAN = (0.406, 0.456, 0.485)
-BGR_STD = (0.225, 0.224, 0.229)
-
 # Formats a source file can have.
 FORMATS = ('safetensors', 'torch', 'pdparams', 'mindspore', 'tf')
+# Model fields a key layout's weights need: the TF checkpoint was trained
+# with TF 'SAME' padding (GhostNet v1's ``padding`` field).
+LAYOUT_MODEL_KWARGS: dict[str, dict[str, Any]] = {'tf': {'padding': 'tf_same'}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,9 @@ class WeightSource:
     loadable: False where no exact mapping onto our model exists yet.
     verified: how the loader of this source is proven.
     notes: anything else a user should know.
+
+  ``model_kwargs`` (a property, from the layout) gives the fields of
+  ``create_model`` the weights need, e.g. ``{'padding': 'tf_same'}``.
   """
   model: str
   tag: str
@@ -65,6 +69,12 @@ class WeightSource:
   loadable: bool = True
   verified: str = ''
   notes: str = ''
+
+  @property
+  def model_kwargs(self) -> dict[str, Any]:
+    """Fields of ``create_model(model, **model_kwargs)`` these weights need
+    (``{'padding': 'tf_same'}`` for the TensorFlow checkpoint)."""
+    return dict(LAYOUT_MODEL_KWARGS.get(self.layout, {}))
 
   @property
   def file_name(self) -> str:
@@ -100,7 +110,10 @@ V_MINDCV = ('reader+mapping: logits equal the reference on random weights; '
             'file from mindspore.save_checkpoint')
 V_MSZOO = ('reader+mapping: names from the model zoo code; file built in the '
            'documented ckpt format (not from the zoo network)')
-V_NONE = 'not verified: no exact mapping'
+V_TF = ('reader+mapping: logits of GhostNet(padding=\'tf_same\') equal a '
+        'TensorFlow reference of the TF network (tf.nn convs, SAME padding, '
+        'BGR input) on random weights and BN stats, bundle written by TF '
+        'under the official checkpoint\'s 435 variable names and shapes')
 
 
 def _hf(model: str, repo: str, top1: float, *, revision: str | None = None,
@@ -162,11 +175,14 @@ _SOURCES: tuple[WeightSource, ...] = (
         url=f'{_GH}/ghostnet/raw/master/ghostnet_tensorflow/models/'
         'ghostnet_checkpoint.index',
         format='tf', layout='tf', top1=73.93, preprocess=_TF_PRE,
-        eval_config=EvalConfig(interpolation='bicubic', mean=BGR_MEAN,
-                               std=BGR_STD),
-        loadable=False, verified=V_NONE,
-        notes='TF-style GhostNet with TF SAME padding (asymmetric at stride '
-        '2), which our model does not have: no exact mapping, not loaded'),
+        eval_config=BICUBIC, verified=V_TF,
+        notes="build the model with create_model('ghostnet_100', "
+        "padding='tf_same') (TF SAME padding, asymmetric at stride 2); "
+        'TF-style GhostNet mapped exactly like PaddleClas\'s; stem flipped '
+        'to RGB, so feed RGB images with the ImageNet mean/std; reading '
+        'needs TensorFlow (the export extra); the data shard '
+        'ghostnet_checkpoint.data-00000-of-00001 is fetched next to the '
+        'index'),
     # ----------------------------------------------------------- GhostNet 1.3x
     _paddle('ghostnet_130', 'paddle_ssld',
             'GhostNet_x1_3_ssld_pretrained.pdparams', 79.38),

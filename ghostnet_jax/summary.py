@@ -25,7 +25,7 @@ def _size(name: str, image_size: int, **kwargs) -> tuple[int, int]:
 
 _SOURCE_LABELS = {'timm': 'timm Hub', 'paddle': 'PaddleClas',
                   'paddle_ssld': 'PaddleClas SSLD', 'mindcv': 'mindcv',
-                  'mindspore_zoo': 'MindSpore zoo'}
+                  'mindspore_zoo': 'MindSpore zoo', 'tf': 'TF checkpoint'}
 
 
 def weights_cell(name: str) -> str:

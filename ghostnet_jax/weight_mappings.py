@@ -20,6 +20,19 @@ turned into an official-layout ``{torch key: numpy array (torch shape)}``:
     ``beta - mean s`` with ``s = gamma / sqrt(var + eps)``.
 
   Linear weights are stored ``(in, out)`` and are transposed.
+* ``tf``: the official TensorFlow (tensorpack) GhostNet 1.0x checkpoint. The
+  same TF-style network as PaddleClas's, variable for variable, so its names
+  and layouts (HWIO kernels, ``[k, k, C, 1]`` depthwise kernels, SE and
+  logits as 1x1 convs) are renamed to Paddle's and mapped by the ``paddle``
+  rules. Two differences the model cannot absorb: the stem's input channels
+  are flipped (the TF model reads BGR images, ours RGB), and TF pads
+  ``'SAME'``, so the weights belong to ``GhostNet(padding='tf_same')``.
+  BatchNorm eps is 1e-5, as ours and Paddle's (``PADDLE_BN_EPS``, used to
+  fold the head): the layers are tensorpack ``BatchNorm`` calls (``epsilon=
+  1e-5`` by default) and no argscope sets it (the slim arg-scope's 1e-3 only
+  reaches ``slim.batch_norm``, which the network does not call). Images are
+  normalised per colour with the ImageNet mean/std (in BGR order there), so
+  after the flip the usual RGB mean/std apply.
 * ``mindcv``: mindcv's ``ghostnet_*`` (the official architecture; BN leaves
   ``gamma/beta/moving_mean/moving_variance``; last 1x1 ``blocks.9.features``).
 * ``ms_zoo``: MindSpore model zoo ``research/cv/ghostnet`` (flat ``blocks.0``
@@ -193,6 +206,160 @@ def _fold_head(head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
           'conv_head.bias': bias.astype(np.float32)}
 
 
+# ----------------------------------------------------------------- TensorFlow
+
+TF_SCOPE = 'MobileNetV2/'  # the official model's variable scope
+_TF_BN = {'gamma': 'weight', 'beta': 'bias', 'mean/EMA': '_mean',
+          'variance/EMA': '_variance'}
+# TF layer (in block N = i + 1) -> Paddle layer of ``_ghostbottleneck_i``.
+_TF_BLOCK_LAYERS = {
+    'up_pointwise/conv1': 'ghost_module_1.primary_conv',
+    'up_pointwise/dw1': 'ghost_module_1.cheap_operation',
+    'depthwise': 'depthwise_conv',
+    'down_pointwise/conv1': 'ghost_module_2.primary_conv',
+    'down_pointwise/dw1': 'ghost_module_2.cheap_operation',
+    'shortcut_dw': 'shortcut_depthwise',
+    'shortcut_1x1': 'shortcut_conv',
+}
+_TF_DEPTHWISE = ('up_pointwise/dw1', 'down_pointwise/dw1', 'depthwise',
+                 'shortcut_dw')
+
+
+def _tf_layer_leaf(name: str) -> tuple[str, str] | None:
+  """``Conv2d_3_depthwise/output/mean/EMA`` -> (layer, Paddle leaf)."""
+  m = re.fullmatch(r'(.+)/(W|DW|b|(?:bn|output)/(?:gamma|beta|mean/EMA|'
+                   r'variance/EMA))', name)
+  if m is None:
+    return None
+  layer, leaf = m.groups()
+  if leaf in ('W', 'DW'):
+    return layer, '_conv.weight'
+  if leaf == 'b':
+    return layer, 'bias'
+  return layer, '_batch_norm.' + _TF_BN[leaf.split('/', 1)[1]]
+
+
+def _tf_paddle_layer(layer: str, n_blocks: int) -> tuple[str, str] | None:
+  """TF layer name -> (Paddle layer, kind); kind is ``conv``, ``dw``,
+  ``se_fc1``, ``se_fc2`` or ``logits``. None for names of another model."""
+  if layer == 'Conv2d_0':
+    return 'conv1', 'conv'
+  if layer == f'Conv2d_{n_blocks + 1}':
+    return 'conv_last', 'conv'
+  if layer == f'Conv2d_{n_blocks + 2}':
+    return 'fc_0', 'conv'
+  if layer == 'Logits/Conv2d_1c_1x1':
+    return 'fc_1', 'logits'
+  m = re.fullmatch(r'Conv2d_(\d+)_(.+)', layer)
+  if m is None or not 1 <= int(m.group(1)) <= n_blocks:
+    return None
+  block, rest = f'_ghostbottleneck_{int(m.group(1)) - 1}', m.group(2)
+  if rest in ('se/fc1', 'se/fc2'):
+    return (f'{block}.se_block.' + ('squeeze' if rest == 'se/fc1'
+                                    else 'excitation'), rest.replace('/', '_'))
+  if rest in _TF_BLOCK_LAYERS:
+    return (f'{block}.{_TF_BLOCK_LAYERS[rest]}',
+            'dw' if rest in _TF_DEPTHWISE else 'conv')
+  return None
+
+
+_TF_LEAVES = {
+    'conv': ('_conv.weight', '_batch_norm.weight', '_batch_norm.bias',
+             '_batch_norm._mean', '_batch_norm._variance'),
+    'logits': ('_conv.weight', 'bias'),
+}
+_TF_LEAVES['dw'] = _TF_LEAVES['conv']
+_TF_LEAVES['se_fc1'] = _TF_LEAVES['se_fc2'] = _TF_LEAVES['logits']
+_TF_LINEAR = ('logits', 'se_fc1', 'se_fc2')  # 1x1 convs that are Paddle Linears
+
+
+def _tf_to_paddle_array(kind: str, leaf: str, value: np.ndarray) -> np.ndarray:
+  """TF layout -> Paddle layout of one variable."""
+  if leaf != '_conv.weight':
+    return value
+  if kind == 'dw':  # [k, k, C, 1] -> [C, 1, k, k]
+    return value.transpose(2, 3, 0, 1)
+  if kind == 'conv':  # HWIO -> OIHW
+    return value.transpose(3, 2, 0, 1)
+  return value.reshape(value.shape[-2:])  # 1x1 conv as Linear: [in, out]
+
+
+def tf_to_paddle(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Official TF GhostNet checkpoint -> PaddleClas ``GhostNet_x1_0`` names.
+
+  Renames and re-lays every variable (module docstring) and flips the stem's
+  input channels from BGR to RGB.
+
+  Raises:
+    MappingError: a checkpoint with none of the TF GhostNet names (another
+      model), unknown variables, or layers that lack some of their
+      variables - each naming the TF variables.
+  """
+  n_blocks = sum(len(s) for s in GHOSTNET_BLOCKS)
+  out: dict[str, np.ndarray] = {}
+  seen: dict[str, tuple[str, str, set]] = {}  # paddle layer -> tf layer, kind
+  unknown = []
+  for key, value in sd.items():
+    name = key[len(TF_SCOPE):] if key.startswith(TF_SCOPE) else key
+    parsed = _tf_layer_leaf(name)
+    target = parsed and _tf_paddle_layer(parsed[0], n_blocks)
+    if not target:
+      unknown.append(key)
+      continue
+    (tf_layer, leaf), (layer, kind) = parsed, target
+    if leaf not in _TF_LEAVES[kind]:
+      unknown.append(key)
+      continue
+    value = np.asarray(value, np.float32)
+    if layer == 'conv1' and leaf == '_conv.weight':
+      value = value[:, :, ::-1, :]  # BGR -> RGB input channels
+    value = _tf_to_paddle_array(kind, leaf, value)
+    if kind in _TF_LINEAR and leaf == '_conv.weight':
+      leaf = 'weight'  # Paddle Linear
+    out[f'{layer}.{leaf}'] = value
+    seen.setdefault(layer, (key[:len(key) - len(name)] + tf_layer, kind,
+                            set()))[2].add(leaf)
+  if not seen:
+    raise MappingError(
+        f'none of its {len(sd)} variables is named like the TensorFlow '
+        f'GhostNet checkpoint ({TF_SCOPE}Conv2d_0/W, ...), e.g. '
+        f'{sorted(sd)[:5]}: not that checkpoint.')
+  if unknown:
+    raise MappingError(
+        f'{len(unknown)} variables are not part of the TensorFlow GhostNet '
+        f'1.0x checkpoint: {sorted(unknown)[:20]}.')
+  lacking = []
+  for layer, (tf_layer, kind, leaves) in seen.items():
+    for leaf in _TF_LEAVES[kind]:
+      paddle_leaf = 'weight' if (kind in _TF_LINEAR
+                                 and leaf == '_conv.weight') else leaf
+      if paddle_leaf not in leaves:
+        lacking.append(f'{tf_layer}/{_tf_leaf_name(tf_layer, leaf)}')
+  if lacking:
+    raise MappingError(f'{len(lacking)} variables are missing: '
+                       f'{sorted(lacking)[:20]}.')
+  return out
+
+
+def _tf_leaf_name(tf_layer: str, leaf: str) -> str:
+  """Paddle leaf -> the TF variable name inside ``tf_layer`` (messages)."""
+  if leaf == '_conv.weight':
+    return 'DW' if tf_layer.endswith('/dw1') else 'W'
+  if leaf == 'bias':
+    return 'b'
+  bn = 'output' if tf_layer.endswith(
+      ('_depthwise', '_shortcut_dw', 'down_pointwise/dw1')) else 'bn'
+  tf_leaf = {v: k for k, v in _TF_BN.items()}[leaf.rsplit('.', 1)[1]]
+  return f'{bn}/{tf_leaf}'
+
+
+def tf_to_official(sd: Mapping[str, np.ndarray],
+                   layout: Mapping[str, tuple]) -> dict[str, np.ndarray]:
+  """Official TF GhostNet 1.0x checkpoint -> official GhostNet state_dict,
+  for ``GhostNet(padding='tf_same')`` with RGB input (module docstring)."""
+  return paddle_to_official(tf_to_paddle(sd), layout)
+
+
 # ------------------------------------------------------------------ MindSpore
 
 
@@ -265,4 +432,5 @@ LAYOUTS = {
     'paddle': paddle_to_official,
     'mindcv': mindcv_to_official,
     'ms_zoo': ms_zoo_to_official,
+    'tf': tf_to_official,
 }

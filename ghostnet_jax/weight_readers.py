@@ -12,6 +12,10 @@ layouts (the key mapping is :mod:`ghostnet_jax.weight_mappings`):
   arrays, with an unpickler that can only build numpy arrays.
 * :func:`read_mindspore_ckpt` - MindSpore ``.ckpt`` (protobuf), parsed from
   the wire format.
+* :func:`read_tf_checkpoint` - TensorFlow tensor bundles (``PREFIX.index`` +
+  ``PREFIX.data-*-of-*``) through ``tf.train.load_checkpoint``; needs
+  TensorFlow (the ``export`` extra). A bundle holds only tensors: reading one
+  runs no code.
 
 Untrusted files never execute code here.
 """
@@ -24,6 +28,7 @@ import collections
 import io
 import os
 import pickle
+import re
 import struct
 import zipfile
 from typing import Any, Callable
@@ -510,4 +515,70 @@ def read_mindspore_ckpt(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if not out:
     raise WeightFileError(f'{path} holds no tensors: not a MindSpore '
                           'checkpoint.')
+  return out
+
+
+# ----------------------------------------------------------------- TensorFlow
+
+TF_EXTRA_HINT = ("pip install 'ghostnet-jax[export]' (tensorflow-cpu; pins in "
+                 'requirements-export.txt)')
+_TF_DATA_SHARD = re.compile(r'\.data-\d{5}-of-\d{5}$')
+
+
+def tf_bundle_prefix(path: str | os.PathLike) -> str:
+  """The prefix of a TF tensor bundle given as ``PREFIX``, ``PREFIX.index``
+  or one of its ``PREFIX.data-NNNNN-of-NNNNN`` shards."""
+  path = os.fspath(path)
+  if path.endswith('.index'):
+    return path[:-len('.index')]
+  return _TF_DATA_SHARD.sub('', path)
+
+
+def tf_data_files(prefix: str, num_shards: int = 1) -> list[str]:
+  """``PREFIX.data-00000-of-0000N`` ... (the files next to the index)."""
+  return [f'{prefix}.data-{i:05d}-of-{num_shards:05d}'
+          for i in range(num_shards)]
+
+
+def read_tf_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """All floating-point variables of a TensorFlow checkpoint (tensor bundle).
+
+  Args:
+    path: ``PREFIX``, ``PREFIX.index`` or a ``PREFIX.data-*`` shard.
+
+  Returns:
+    ``{variable name: array}`` with TF's names and layouts (conv kernels
+    HWIO). Integer / string entries (``global_step``, object graphs) are
+    left out.
+
+  Raises:
+    WeightFileError: TensorFlow missing (naming the extra), or a bundle that
+      cannot be read (index or data shard missing, truncated, corrupt).
+    FileNotFoundError: no ``PREFIX.index``.
+  """
+  prefix = tf_bundle_prefix(path)
+  index = prefix + '.index'
+  _check_file(index)
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise WeightFileError(
+        f'{index} is a TensorFlow checkpoint; reading it needs TensorFlow: '
+        f'{TF_EXTRA_HINT}.') from e
+  try:
+    reader = tf.train.load_checkpoint(prefix)
+    dtypes = reader.get_variable_to_dtype_map()
+    out = {}
+    for name, dtype in dtypes.items():
+      if dtype.is_floating:
+        out[name] = np.asarray(reader.get_tensor(name))
+  except Exception as e:  # tf.errors.OpError and friends
+    shards = [f for f in tf_data_files(prefix) if not os.path.exists(f)]
+    hint = (f' (missing data file {shards[0]}: download it next to the '
+            'index)' if shards else '')
+    raise WeightFileError(f'{index} is not a readable TensorFlow checkpoint'
+                          f'{hint}: {type(e).__name__}: {e}') from None
+  if not out:
+    raise WeightFileError(f'{index} holds no floating-point variables: not '
+                          'a checkpoint of a network.')
   return out

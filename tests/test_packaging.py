@@ -18,9 +18,11 @@ DISTRIBUTIONS = {'PIL': 'pillow', 'sklearn': 'scikit-learn',
                  'absl': 'absl-py', 'orbax': 'orbax-checkpoint',
                  'ml_collections': 'ml-collections',
                  'tensorflow_datasets': 'tensorflow-datasets',
-                 'tensorboardX': 'tensorboardx', 'array_record': 'array-record'}
-# Imported only where the torch extra is installed (the converter).
-OPTIONAL = {'torch'}
+                 'tensorboardX': 'tensorboardx', 'array_record': 'array-record',
+                 'tensorflow': 'tensorflow-cpu'}
+# Imported only where an extra is installed: torch (the converter),
+# tensorflow (export; the TF checkpoint reader).
+OPTIONAL = {'torch', 'tensorflow'}
 SCRIPTS = ('ghostnet-train', 'ghostnet-eval', 'ghostnet-convert',
            'ghostnet-summary')
 

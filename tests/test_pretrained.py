@@ -6,6 +6,7 @@ state_dicts are saved as ``model.safetensors`` into a cache laid out as
 huggingface_hub lays it out (``models--ORG--REPO/{refs,snapshots,blobs}``).
 """
 
+import dataclasses
 import hashlib
 import os
 import pathlib
@@ -188,8 +189,15 @@ def test_local_files_and_urls(reference, tmp_path, monkeypatch):
 def test_bad_sources_get_clear_errors(reference, tmp_path, offline_hub):
   with pytest.raises(ValueError, match="Unknown source 'nope'.*timm"):
     pretrained.resolve_source(NAME, 'nope')
-  with pytest.raises(ValueError, match='not loadable.*padding'):
-    pretrained.resolve_source(NAME, 'tf')
+  # A registered source that does not load exactly is refused, with why.
+  tf_src = sources.get_source(NAME, 'tf')
+  unloadable = dataclasses.replace(tf_src, loadable=False,
+                                   notes='no exact mapping')
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(sources, '_SOURCES', tuple(
+        unloadable if s is tf_src else s for s in sources._SOURCES))  # pylint: disable=protected-access
+    with pytest.raises(ValueError, match='not loadable.*no exact mapping'):
+      pretrained.resolve_source(NAME, 'tf')
   with pytest.raises(ValueError, match='Unknown model'):
     ghostnet_jax.load_pretrained('ghostnet_999')
   with pytest.raises(FileNotFoundError):

@@ -147,4 +147,4 @@ def test_readme_table_and_summary_list_the_sources(capsys):
   assert summary.main(['all', '--sources']) == 0
   out = capsys.readouterr().out
   assert 'GhostNet_x1_3_ssld_pretrained.pdparams' in out
-  assert '[not loadable]' in out  # the TF checkpoint
+  assert 'ghostnet_checkpoint.index' in out  # the TF checkpoint, loadable
