@@ -31,8 +31,10 @@ custom call and runs wherever ``jax`` does, without this package::
   exp = jax.export.deserialize(open('model.bin', 'rb').read())
   logits = exp.call(images)
 
-The other formats need the ``export`` extra (``pip install -e .[export]``,
-``requirements-export.txt``).
+The TF SavedModel is written through orbax-export (``JaxModule`` +
+``ServingConfig`` + ``ExportManager``), TFLite is converted from it, ONNX
+through jax2onnx; these formats need the ``export`` extra
+(``pip install -e .[export]``, ``requirements-export.txt``).
 """
 
 from __future__ import annotations
