@@ -31,8 +31,10 @@ custom call and runs wherever ``jax`` does, without this package::
   exp = jax.export.deserialize(open('model.bin', 'rb').read())
   logits = exp.call(images)
 
-The other formats need the ``export`` extra (``pip install -e .[export]``,
-``requirements-export.txt``).
+The TF SavedModel is written through orbax-export (``JaxModule`` +
+``ServingConfig`` + ``ExportManager``), TFLite is converted from it, ONNX
+through jax2onnx; these formats need the ``export`` extra
+(``pip install -e .[export]``, ``requirements-export.txt``).
 """
 
 from __future__ import annotations
@@ -89,6 +91,10 @@ class Exportable:
     checkpoint: the checkpoint path, ``None`` for random weights.
     class_names_source: where class names come from (``'checkpoint'``,
       ``'imagenet'``) or ``None``.
+    params: the folded deploy-form variables ``fn`` closes over.
+    apply: ``(params, images) -> logits``; ``fn(x) == apply(params, x)``.
+      Writers that keep the weights apart from the graph (orbax-export's
+      ``JaxModule``) use this pair.
   """
   name: str
   num_classes: int
@@ -100,6 +106,8 @@ class Exportable:
   preprocessing: dict
   checkpoint: str | None
   class_names_source: str | None
+  params: Any = None
+  apply: Callable[[Any, jax.Array], jax.Array] | None = None
 
   def input_shape(self) -> tuple[int | None, int, int, int]:
     return (self.batch, self.image_size, self.image_size, self.in_chans)
@@ -192,8 +200,11 @@ def prepare(*, checkpoint: str | None = None, model: str | None = None,
                                            image_size=size)
   folded = jax.tree_util.tree_map(np.asarray, folded)
 
+  def apply(params, images):
+    return inference.folded_apply(deploy_model, params, paths, images)
+
   def fn(images):
-    return inference.folded_apply(deploy_model, folded, paths, images)
+    return apply(folded, images)
 
   def reference(images):
     return train_model.apply(variables, images, train=False)
@@ -205,7 +216,7 @@ def prepare(*, checkpoint: str | None = None, model: str | None = None,
           eval_lib.preprocessing_record(preprocess_name, config),
           input_size=size),
       checkpoint=None if checkpoint is None else os.fspath(checkpoint),
-      class_names_source=class_names_source)
+      class_names_source=class_names_source, params=folded, apply=apply)
 
 
 def relative_diff(a, b) -> tuple[float, float]:
@@ -313,28 +324,36 @@ def _write_onnx(ex: Exportable, tmp_path: str, **_) -> dict:
 
 def export_savedmodel(ex: Exportable, path: str,
                       platforms: Sequence[str] = ('cpu',)) -> None:
-  """Writes ``ex.fn`` as a TF SavedModel (``jax2tf``, native serialization).
+  """Writes ``ex`` as a TF SavedModel through orbax-export.
 
   Signature ``serving_default``: ``images`` ``(N, S, S, C)`` float32 ->
-  ``logits``. The JAX graph is embedded as StableHLO (``XlaCallModule``)
-  lowered for ``platforms``.
+  ``logits`` (``N`` symbolic when ``ex.batch`` is None). orbax-export's
+  ``JaxModule`` holds the folded weights as (non-trainable) ``tf.Variable``s
+  and converts ``ex.apply`` with jax2tf (native serialization: the graph is
+  StableHLO in an ``XlaCallModule`` lowered for ``platforms``);
+  ``ExportManager`` writes it with one ``ServingConfig``.
   """
   tf = _require('tensorflow')
-  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
-  poly = '(b, ...)' if ex.batch is None else None
-  fn = ex.fn
+  oex = _require('orbax.export')
+  if ex.apply is None:
+    raise ExportError('This Exportable has no (params, apply) pair; build '
+                      'it with export.prepare.')
   spec = tf.TensorSpec(ex.input_shape(), tf.float32, name='images')
   # Plain convolutions: the TFLite converter maps them to its CONV_2D /
   # DEPTHWISE_CONV_2D kernels (the XLA:CPU rewrites would not convert).
+  # jax2tf traces when the serving function is built and saved: both stay
+  # inside the block.
   with ops.auto_on_cpu('lax'):
-    tf_fn = jax2tf.convert(lambda x: fn(x), polymorphic_shapes=[poly],
-                           with_gradient=False,
-                           native_serialization_platforms=tuple(platforms))
-    module = tf.Module()
-    module.serve = tf.function(lambda images: {'logits': tf_fn(images)},
-                               input_signature=[spec], autograph=False)
-    tf.saved_model.save(module, path,
-                        signatures={'serving_default': module.serve})
+    module = oex.JaxModule(
+        ex.params, ex.apply, trainable=False,
+        input_polymorphic_shape='(b, ...)' if ex.batch is None else None,
+        jax2tf_kwargs={'with_gradient': False,
+                       'native_serialization_platforms': tuple(platforms)},
+        jit_compile=False)
+    serving = oex.ServingConfig(
+        signature_key='serving_default', input_signature=[spec],
+        tf_postprocessor=lambda logits: {'logits': logits})
+    oex.ExportManager(module, [serving]).save(path)
 
 
 def run_savedmodel(path: str, images: np.ndarray) -> np.ndarray:
@@ -449,7 +468,7 @@ def run_tflite(path: str, images: np.ndarray, threads: int | None = None
 def _write_savedmodel(ex: Exportable, tmp_path: str, **_) -> dict:
   export_savedmodel(ex, tmp_path)
   return {'outputs': run_savedmodel(tmp_path, ex.parity_batch()),
-          'info': {'converter': 'jax2tf (native serialization)',
+          'info': {'converter': 'orbax-export (jax2tf native serialization)',
                    'signature': 'serving_default: images -> logits'}}
 
 

@@ -1,4 +1,5 @@
-"""Smoke test of ``benchmarks/bench.py --quick``: one tiny run, no timing.
+"""Smoke tests of ``benchmarks/bench.py --quick`` (one tiny run, no timing)
+and ``benchmarks/export_latency.py --quick``.
 
 The benchmark runs as a subprocess (as CI would run it), prints its table and
 writes JSON; the test checks the rows, the columns and that every measured
@@ -87,3 +88,47 @@ def test_first_logits_table(tmp_path):
   parts = [row[k] for k in ('create_s', 'init_s', 'first_logits_s')]
   assert all(_positive(v) for v in parts + [row['total_s']])
   assert math.isclose(sum(parts), row['total_s'], rel_tol=1e-6)
+
+
+EXPORT_LATENCY = os.path.join(REPO, 'benchmarks', 'export_latency.py')
+
+
+@pytest.mark.slow
+def test_export_latency_quick(tmp_path):
+  """``benchmarks/export_latency.py --quick``: every row runs at 1 and 2
+  threads, the artifacts are the model (parity), the int8 file is smaller."""
+  import extras
+  for module in ('tensorflow', 'ai_edge_litert', 'onnxruntime', 'jax2onnx',
+                 'orbax.export'):
+    try:
+      __import__(module)
+    except ImportError:
+      extras.missing(f"{module} missing: install the 'export' extra (bash "
+                     'setup.sh --test, or pip install -e .[export])')
+  out = tmp_path / 'latency.json'
+  proc = subprocess.run(
+      [sys.executable, EXPORT_LATENCY, '--quick', '--json', str(out)],
+      capture_output=True, text=True, timeout=900, cwd=REPO, check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+  with open(out) as f:
+    result = json.load(f)
+  rows = [line for line in proc.stdout.splitlines()
+          if line.startswith('| ') and '(' in line and 'thread' not in line]
+  assert result['threads'] == [1, 2]
+  for t in ('1', '2'):
+    cells = {k: v for k, v in result['cells'][t].items()
+             if isinstance(v, dict)}
+    assert len(cells) == 7, sorted(cells)
+    for name, cell in cells.items():
+      assert cell['repeats'] == 3
+      assert _positive(cell['median_ms']), (t, name, cell)
+      assert cell['q25_ms'] <= cell['median_ms'] <= cell['q75_ms'], cell
+      assert any(line.startswith(f'| {name} |') for line in rows), name
+  sizes = result['sizes_mb']
+  assert all(_positive(v) for v in sizes.values()), sizes
+  assert sizes['TFLite int8'] < 0.5 * sizes['TFLite fp32'], sizes
+  for name, rel in result['parity'].items():
+    if 'int8' not in name:
+      assert rel <= 1e-4, (name, rel)
+  # One set of weights: PyTorch eager computes the Flax model's logits.
+  assert result['torch_vs_flax'] <= 1e-4, result['torch_vs_flax']
