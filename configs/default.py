@@ -3,7 +3,7 @@
 ``python train.py`` (no arguments) trains this on a laptop CPU in a few
 minutes: GhostNet 0.5x (the full network) at 16x16 on scikit-learn's 8x8
 handwritten digits (1797 images, stored upscaled to 32x32 RGB; prepared once
-into ``./data/tfds``), 1000 steps of 64 (45 epochs), and reaches ~98.6% top-1
+into ``./data/tfds``), 1000 steps of 64 (45 epochs), and reaches ~98% top-1
 on the 359 held-out digits. 16x16 keeps all the information of the 8x8
 originals at a quarter of the cost of 32x32; the last stages then run on 1x1
 maps. ``conv_impl='auto'`` uses the package's compiled depthwise kernels on
