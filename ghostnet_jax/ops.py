@@ -126,11 +126,11 @@ def same_padding(kernel_size, dilation=1, *, input_size=None, strides=1
   dh, dw = pair(dilation)
   if input_size is None:
     return ((dh * (kh - 1) // 2,) * 2, (dw * (kw - 1) // 2,) * 2)
-  pads = []
-  for n, k, d, s in zip(pair(input_size), (kh, kw), (dh, dw), pair(strides)):
-    total = max((-(-n // s) - 1) * s + d * (k - 1) + 1 - n, 0)
-    pads.append((total // 2, total - total // 2))
-  return tuple(pads)
+  # XLA's own 'SAME' rule, on the dilated (effective) kernel size.
+  pads = lax.padtype_to_pads(tuple(pair(input_size)),
+                             (dh * (kh - 1) + 1, dw * (kw - 1) + 1),
+                             tuple(pair(strides)), 'SAME')
+  return tuple((int(lo), int(hi)) for lo, hi in pads)
 
 
 def is_depthwise(kernel_shape, in_features: int, groups: int) -> bool:
