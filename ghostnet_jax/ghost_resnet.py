@@ -100,7 +100,7 @@ from ghostnet_jax.features import (FeatureLevel, StrideSchedule,
                                    resolve_out_indices)
 from ghostnet_jax.ghostnet import GhostModule
 from ghostnet_jax.layers import (BatchNorm, Conv2d, Linear, ModuleDef,
-                                 check_images, sow_feature)
+                                 check_images, he_normal_fan_out, sow_feature)
 from ghostnet_jax.registry import register_model
 
 RESNET50_LAYERS = (3, 4, 6, 3)
@@ -229,7 +229,7 @@ class GhostResNet(nn.Module):
     # nonlinearity='relu') for the convolutions, BN scale 1 and bias 0.
     conv = functools.partial(
         Conv2d, dtype=self.dtype, impl=self.conv_impl,
-        kernel_init=nn.initializers.variance_scaling(2.0, 'fan_out', 'normal'))
+        kernel_init=he_normal_fan_out())
     norm = functools.partial(BatchNorm, dtype=self.dtype,
                              batch_groups=self.bn_batch_groups)
     return conv, norm

@@ -21,11 +21,12 @@ import functools
 import math
 from typing import Any, Callable
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ghostnet_jax import ops
+from ghostnet_jax import initializers, ops
 from ghostnet_jax.shapes import is_int, pair
 
 Dtype = Any
@@ -60,14 +61,31 @@ def check_ghost_args(name, out_features, ratio, dw_size,
                      f'op keeps the spatial size), got {dw_size!r}.')
 
 
+def param(module: nn.Module, name: str, init: Callable, shape: tuple,
+          dtype: Dtype) -> jax.Array:
+  """``module.param(name, init, shape, dtype)``, without re-running ``init``.
+
+  When the parameter exists (``apply``), Flax's ``param`` traces ``init``
+  abstractly to compare shapes: ~1 ms per parameter, a third of tracing a
+  GhostNet forward. This checks the shape directly, with the same error.
+  """
+  if module.has_variable('params', name):
+    value = flax.core.meta.unbox(module.get_variable('params', name))
+    if tuple(value.shape) != tuple(shape):
+      raise flax.errors.ScopeParamShapeError(
+          name, '/' + '/'.join(module.path), tuple(value.shape), tuple(shape))
+    return value
+  return module.param(name, init, shape, dtype)
+
+
 def torch_default_kernel_init():
   """PyTorch's default conv/linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-  return nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+  return initializers.VarianceScaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
 def he_normal_fan_out():
   """``kaiming_normal_(mode='fan_out', nonlinearity='relu')`` (RegNet/ResNet)."""
-  return nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')  # untruncated
+  return initializers.VarianceScaling(2.0, 'fan_out', 'normal')  # untruncated
 
 
 class Conv2d(nn.Module):
@@ -115,9 +133,9 @@ class Conv2d(nn.Module):
       raise ValueError(
           f'{self.name}: in ({cin}) and out ({self.features}) channels must be '
           f'divisible by groups ({self.groups}).')
-    kernel = self.param('kernel', self.kernel_init,
-                        (kh, kw, cin // self.groups, self.features),
-                        self.param_dtype)
+    kernel = param(self, 'kernel', self.kernel_init,
+                   (kh, kw, cin // self.groups, self.features),
+                   self.param_dtype)
     padding = self.padding
     if padding is None:
       padding = ops.same_padding((kh, kw), self.dilation)
@@ -135,19 +153,14 @@ class Conv2d(nn.Module):
                    dilation=pair(self.dilation))
     if self.use_bias:
       fan_in = kh * kw * cin // self.groups
-      bias = self.param('bias', _torch_bias_init(fan_in), (self.features,),
-                        self.param_dtype)
+      bias = param(self, 'bias', _torch_bias_init(fan_in), (self.features,),
+                   self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
 
 
-def _torch_bias_init(fan_in: int):
-  bound = 1.0 / math.sqrt(max(fan_in, 1))
-
-  def init(key, shape, dtype=jnp.float32):
-    return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-  return init
+def _torch_bias_init(fan_in: int) -> initializers.Uniform:
+  return initializers.Uniform(1.0 / math.sqrt(max(fan_in, 1)))
 
 
 def Linear(features: int, *, name: str, dtype: Dtype = jnp.float32,
@@ -197,8 +210,8 @@ class BatchNorm(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     c = x.shape[-1]
-    scale = self.param('scale', nn.initializers.ones, (c,), self.param_dtype)
-    bias = self.param('bias', nn.initializers.zeros, (c,), self.param_dtype)
+    scale = param(self, 'scale', nn.initializers.ones, (c,), self.param_dtype)
+    bias = param(self, 'bias', nn.initializers.zeros, (c,), self.param_dtype)
     ra_mean = self.variable('batch_stats', 'mean',
                             lambda: jnp.zeros((c,), self.param_dtype))
     ra_var = self.variable('batch_stats', 'var',

@@ -78,6 +78,7 @@ from ghostnet_jax import data_faults
 from ghostnet_jax import evaluation
 from ghostnet_jax import ghostnetv3
 from ghostnet_jax import distill
+from ghostnet_jax import initializers
 from ghostnet_jax import input_pipeline
 from ghostnet_jax import integrity
 from ghostnet_jax import interrupts
@@ -859,6 +860,10 @@ def create_or_restore_state(factory: StateFactory, checkpointer: Checkpointer,
   if resume_step is not None:
     return checkpointer.restore(resume_step, factory.abstract_sharded())
   s = factory.sharding
+  if init_variables is None:  # the same on every host; no init to compile
+    init_variables = initializers.host_initialise(
+        utils.init_fn(factory.model, factory.config.image_size),
+        jax.random.key(seed))
   if init_variables is not None:
     return jax.jit(factory.from_variables, out_shardings=s)(
         *jax.device_put((init_variables['params'],
@@ -890,8 +895,7 @@ def load_init_from(config, model: nn.Module) -> dict:
   out = {col: _fit(col, loaded.variables[col], fresh[col])
          for col in ('params', 'batch_stats')}
   if any(v is None for v in out['params'].values()):
-    init = jax.jit(utils.init_fn(model, config.image_size))(
-        jax.random.key(config.seed))
+    init = utils.init_variables(model, config.seed, config.image_size)
     new = flax.traverse_util.flatten_dict(dict(init['params']), sep='/')
     out['params'] = {k: (np.asarray(new[k]) if v is None else v)
                      for k, v in out['params'].items()}

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ghostnet_jax import initializers
+
 
 # Computation dtypes by config / command-line name: the one table of the
 # trainer (``config.dtype``), ``eval.py --dtype`` and a workdir's metadata.
@@ -66,10 +68,10 @@ def dummy_input(model: nn.Module, image_size: int,
       jnp.float32)
 
 
-def init_fn(model: nn.Module, image_size: int):
+def init_fn(model: nn.Module, image_size: int, batch_size: int = 1):
   """``rng -> {'params', 'batch_stats'}``: ``model.init`` on zeros, pure (to
   trace under ``jax.jit`` / ``jax.eval_shape``)."""
-  shape = dummy_input(model, image_size)
+  shape = dummy_input(model, image_size, batch_size)
 
   def init(rng):
     return dict(model.init(rng, jnp.zeros(shape.shape, shape.dtype),
@@ -82,6 +84,10 @@ def init_variables(model: nn.Module, rng: jax.Array | int = 0,
                    image_size: int = 224, batch_size: int = 1) -> dict:
   """Initialises ``{'params': ..., 'batch_stats': ...}`` for ``model``.
 
+  The family's initialisers run on the host without compiling anything
+  (:func:`ghostnet_jax.initializers.host_initialise`, ~1 s); a model with
+  other initialisers is initialised by compiling ``model.init``.
+
   Args:
     model: a module from :func:`ghostnet_jax.create_model`.
     rng: a PRNG key or an int seed.
@@ -91,16 +97,15 @@ def init_variables(model: nn.Module, rng: jax.Array | int = 0,
   """
   if isinstance(rng, int):
     rng = jax.random.key(rng)
-  spec = dummy_input(model, image_size, batch_size)
-  x = jnp.zeros(spec.shape, spec.dtype)
-  init = jax.jit(lambda r, x: model.init(r, x, train=False))
+  init = init_fn(model, image_size, batch_size)
+  host = initializers.host_initialise(init, rng)
+  if host is not None:
+    return jax.device_put(host)
   # Initialisation runs once: on the CPU, XLA's backend optimisation level 0
-  # compiles it several times faster (the random number generation of a few
-  # hundred initialisers dominates) and the result is the same.
+  # compiles it several times faster and the result is the same.
   options = ({'xla_backend_optimization_level': 0}
              if jax.default_backend() == 'cpu' else None)
-  variables = init.lower(rng, x).compile(compiler_options=options)(rng, x)
-  return dict(variables)
+  return jax.jit(init).lower(rng).compile(compiler_options=options)(rng)
 
 
 def abstract_variables(model: nn.Module, image_size: int = 224) -> dict:
