@@ -78,7 +78,6 @@ from ghostnet_jax import data_faults
 from ghostnet_jax import evaluation
 from ghostnet_jax import ghostnetv3
 from ghostnet_jax import distill
-from ghostnet_jax import initializers
 from ghostnet_jax import input_pipeline
 from ghostnet_jax import integrity
 from ghostnet_jax import interrupts
@@ -861,7 +860,7 @@ def create_or_restore_state(factory: StateFactory, checkpointer: Checkpointer,
     return checkpointer.restore(resume_step, factory.abstract_sharded())
   s = factory.sharding
   if init_variables is None:  # the same on every host; no init to compile
-    init_variables = initializers.host_initialise(
+    init_variables = utils.host_variables(
         utils.init_fn(factory.model, factory.config.image_size),
         jax.random.key(seed))
   if init_variables is not None:

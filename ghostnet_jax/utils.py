@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 from flax import traverse_util
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ghostnet_jax import initializers
+from ghostnet_jax import initializers, ops
 
 
 # Computation dtypes by config / command-line name: the one table of the
@@ -80,6 +80,17 @@ def init_fn(model: nn.Module, image_size: int, batch_size: int = 1):
   return init
 
 
+def host_variables(init: Callable[[jax.Array], dict],
+                   rng: jax.Array) -> dict | None:
+  """``init(rng)`` (an :func:`init_fn`) as NumPy arrays computed on the host
+  without compiling, or ``None`` (see
+  :func:`ghostnet_jax.initializers.host_initialise`)."""
+  # Parameters do not depend on how a convolution is computed: trace the
+  # plain lax convolution, the cheapest to trace.
+  with ops.auto_on_cpu('lax'):
+    return initializers.host_initialise(init, rng)
+
+
 def init_variables(model: nn.Module, rng: jax.Array | int = 0,
                    image_size: int = 224, batch_size: int = 1) -> dict:
   """Initialises ``{'params': ..., 'batch_stats': ...}`` for ``model``.
@@ -98,7 +109,7 @@ def init_variables(model: nn.Module, rng: jax.Array | int = 0,
   if isinstance(rng, int):
     rng = jax.random.key(rng)
   init = init_fn(model, image_size, batch_size)
-  host = initializers.host_initialise(init, rng)
+  host = host_variables(init, rng)
   if host is not None:
     return jax.device_put(host)
   # Initialisation runs once: on the CPU, XLA's backend optimisation level 0
