@@ -132,3 +132,45 @@ def test_export_latency_quick(tmp_path):
       assert rel <= 1e-4, (name, rel)
   # One set of weights: PyTorch eager computes the Flax model's logits.
   assert result['torch_vs_flax'] <= 1e-4, result['torch_vs_flax']
+
+
+OP_PROFILE = os.path.join(REPO, 'benchmarks', 'op_profile.py')
+
+
+def test_op_profile_classes_the_thunks_of_a_training_step(tmp_path):
+  out = tmp_path / 'ops.json'
+  proc = subprocess.run(
+      [sys.executable, OP_PROFILE, '--model', 'ghostnet_050', '--mode',
+       'train', '--batch', '2', '--image-size', '32', '--calls', '1',
+       '--json', str(out)], capture_output=True, text=True, timeout=600,
+      cwd=REPO, check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  with open(out) as f:
+    result = json.load(f)
+  flax, torch_row = result['flax'], result['torch']
+  # A GhostNet step has all of these; each must have been recognised.
+  for cls in ('dense conv / matmul', 'depthwise conv',
+              'BN stats / reductions', 'elementwise'):
+    assert _positive(flax['cpu_ms'].get(cls)), (cls, flax['cpu_ms'])
+  for cls in ('dense conv / matmul', 'depthwise conv'):
+    assert _positive(torch_row['cpu_ms'].get(cls)), (cls, torch_row)
+  for row in (flax, torch_row):
+    assert _positive(row['wall_ms']) and _positive(row['ops'])
+    assert 0 < row['cores_busy'] < 2 * os.cpu_count() + 1
+  assert 'total' in proc.stdout and 'cores busy' in proc.stdout
+
+
+def test_op_profile_reads_what_each_fusion_computes():
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.dirname(OP_PROFILE))
+  import op_profile  # pylint: disable=import-outside-toplevel
+
+  def f(x, w):
+    y = jnp.tanh(x @ w)              # a matmul, then elementwise
+    return y - y.mean(0), y.T.copy()   # a reduction; a transpose
+  compiled = jax.jit(f).lower(jnp.ones((64, 64)), jnp.ones((64, 64))
+                              ).compile()
+  lines, bodies = op_profile._hlo_index(compiled.as_text())
+  classes = {op_profile.xla_class(name, lines, bodies) for name in lines}
+  assert {'dense conv / matmul', 'BN stats / reductions'} <= classes, classes
