@@ -85,11 +85,43 @@ _STATUS = textwrap.dedent('''
 @pytest.mark.parametrize('jax_first,env,want', [
     (False, {}, 'no-warning applied'),
     (True, {}, 'warning True'),
-    (True, {'GHOSTNET_JAX_TUNE_MALLOC': '0'}, 'no-warning disabled'),
+    (True, {'GHOSTNET_JAX_TUNE_MALLOC': '0', 'GHOSTNET_JAX_XLA_FLAGS': '0'},
+     'no-warning disabled'),
     (False, {'MALLOC_ARENA_MAX': '4'}, 'no-warning user'),
 ])
 def test_import_tunes_malloc_or_says_why_not(jax_first, env, want):
   assert _run(_STATUS.format(repo=REPO, jax_first=jax_first), env) == want
+
+
+_FLAGS = textwrap.dedent('''
+    import os, sys, warnings
+    sys.path.insert(0, {repo!r})
+    warnings.simplefilter('error', RuntimeWarning)
+    if {jax_first}:
+      import jax, jax.numpy as jnp
+      jnp.zeros(2).block_until_ready()   # XLA has read XLA_FLAGS
+    try:
+      import ghostnet_jax
+      print('no-warning', ghostnet_jax.runtime.xla_flags_status,
+            os.environ.get('XLA_FLAGS', ''))
+    except RuntimeWarning as w:
+      print('warning', 'XLA:CPU flags' in str(w))
+''')
+
+
+@pytest.mark.parametrize('jax_first,env,want', [
+    (False, {}, 'no-warning applied --xla_cpu_use_fusion_emitters=false'),
+    (False, {'XLA_FLAGS': '--xla_cpu_use_fusion_emitters=true'},
+     'no-warning user --xla_cpu_use_fusion_emitters=true'),
+    (False, {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
+     'no-warning applied --xla_force_host_platform_device_count=2 '
+     '--xla_cpu_use_fusion_emitters=false'),
+    (False, {'GHOSTNET_JAX_XLA_FLAGS': 'off'}, 'no-warning disabled'),
+    (True, {'GHOSTNET_JAX_TUNE_MALLOC': '0'}, 'warning True'),
+])
+def test_import_sets_xla_flags_or_says_why_not(jax_first, env, want):
+  env = {'XLA_FLAGS': '', **env}
+  assert _run(_FLAGS.format(repo=REPO, jax_first=jax_first), env) == want
 
 
 def test_compilation_cache_is_written_and_reused(tmp_path):
