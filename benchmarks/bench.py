@@ -39,7 +39,8 @@ with no environment variables and no :mod:`ghostnet_jax.runtime` calls (what
 ``import ghostnet_jax`` does by itself, it does here too); the PyTorch worker
 runs timm's model with ``torch.set_num_threads``. ``--tuned`` measures with
 the extra settings instead: :func:`ghostnet_jax.runtime.tune_malloc` called
-explicitly in both frameworks' workers before they start. Every cell is run
+explicitly in both frameworks' workers before they start, and the package's
+opt-in XLA:CPU flags (``GHOSTNET_JAX_XLA_FLAGS=1``) for Flax. Every cell is run
 ``--repeats`` times, each time in a fresh process; the table shows the
 median images/s and the ratio of the medians, and the spread (min-max of the
 per-repetition ratios, Flax and PyTorch repetitions paired in run order).
@@ -368,7 +369,9 @@ def torch_worker(name: str, batch: int, mode: str, layout: str,
 def _worker_main(args) -> None:
   spec = json.loads(args.worker)
   if spec.pop('tuned'):
-    # Before JAX or PyTorch start their threads (see ghostnet_jax.runtime).
+    # Before JAX or PyTorch start their threads (see ghostnet_jax.runtime);
+    # the package's opt-in XLA:CPU flags apply when it is first imported.
+    os.environ['GHOSTNET_JAX_XLA_FLAGS'] = '1'
     from ghostnet_jax import runtime  # pylint: disable=g-import-not-at-top
     runtime.tune_malloc()
   kind = spec.pop('kind')
@@ -708,7 +711,8 @@ def main(argv=None) -> int:
     pass
   errors = [e for row in rows for e in errors_of(row)]
   if not to_stdout:
-    settings = ('--tuned (tune_malloc in both workers)' if args.tuned
+    settings = ('--tuned (tune_malloc in both workers, '
+                'GHOSTNET_JAX_XLA_FLAGS=1 for Flax)' if args.tuned
                 else 'plain API, no runtime settings')
     print(f'ratio x = Flax / PyTorch medians over {args.repeats} fresh-'
           f'process runs (better of NCHW and channels_last: "cl" = '

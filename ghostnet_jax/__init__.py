@@ -2,9 +2,9 @@
 # ruff: noqa: E402 (the allocator is tuned before the rest is imported)
 
 # First, before anything starts JAX's threads: glibc malloc settings that keep
-# XLA:CPU's per-call buffers mapped, and XLA:CPU flags that make training
-# steps faster (ghostnet_jax.runtime; opt out with GHOSTNET_JAX_TUNE_MALLOC=0,
-# GHOSTNET_JAX_XLA_FLAGS=0).
+# XLA:CPU's per-call buffers mapped (opt out with GHOSTNET_JAX_TUNE_MALLOC=0),
+# and, with GHOSTNET_JAX_XLA_FLAGS=1, XLA:CPU flags for faster training steps
+# (ghostnet_jax.runtime).
 from ghostnet_jax import runtime as _runtime
 
 _runtime.tune_malloc_at_import()

@@ -6,10 +6,11 @@
 without knowing about them. Set ``GHOSTNET_JAX_TUNE_MALLOC=0`` to leave glibc
 malloc alone. If JAX's backend is already running when the package is first
 imported, the settings only partly apply and a ``RuntimeWarning`` says so:
-import ``ghostnet_jax`` before the first JAX computation. It also adds
-:data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` (:func:`xla_flags_at_import`; opt out
-with ``GHOSTNET_JAX_XLA_FLAGS=0``). ``train.py`` and ``eval.py`` also turn on
-the persistent compilation cache.
+import ``ghostnet_jax`` before the first JAX computation. With
+``GHOSTNET_JAX_XLA_FLAGS=1`` it also adds :data:`CPU_XLA_FLAGS` to
+``XLA_FLAGS`` (:func:`xla_flags_at_import`: faster training steps on the
+CPU). ``train.py`` and ``eval.py`` also turn on the persistent compilation
+cache.
 
 Programs may call them explicitly, once at the top, before the first JAX
 computation::
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.metadata
 import os
 import sys
 import warnings
@@ -153,40 +155,43 @@ def tune_malloc_at_import() -> str:
   return status
 
 
-# XLA:CPU flags applied at import (xla_flags_at_import), measured on
-# jaxlib 0.10 (BENCHMARKS.md): XLA's older loop-fusion emitters run a
+# XLA:CPU flags applied at import on request (xla_flags_at_import), measured
+# on jaxlib 0.10 (BENCHMARKS.md): XLA's older loop-fusion emitters run a
 # GhostNet training step 9-50% faster than the new ones (ghostnet_100 batch
-# 32: 33.7 -> 42.9 img/s; inference unchanged).
+# 32: 33.7 -> 42.9 img/s; inference unchanged) but compile V3 and G-Ghost
+# steps ~40% slower and round differently (1 vs 8 devices after two training
+# steps: 3.5e-6 apart instead of 1.2e-7), so they are opt-in for now.
 XLA_FLAGS_ENV = 'GHOSTNET_JAX_XLA_FLAGS'
 CPU_XLA_FLAGS = ('--xla_cpu_use_fusion_emitters=false',)
 _FLAGS_JAXLIB = '0.10.'  # the jaxlib releases these flags were measured on
 
 # What xla_flags_at_import did (None before it ran): 'applied', 'late',
-# 'disabled', 'user' (XLA_FLAGS already sets them), 'untested' (another
-# jaxlib, whose XLA may not know the flags: an unknown flag aborts XLA).
+# 'off' (not requested), 'user' (XLA_FLAGS already sets them), 'untested'
+# (another jaxlib, whose XLA may not know the flags: an unknown flag aborts
+# XLA).
 xla_flags_status: str | None = None
 
 
 def xla_flags_at_import() -> str:
-  """Adds :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` for ``import ghostnet_jax``.
+  """Adds :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` when
+  ``GHOSTNET_JAX_XLA_FLAGS=1``.
 
   XLA reads ``XLA_FLAGS`` when JAX starts its first backend, so this must
   run before the first JAX computation; when it is too late a
-  ``RuntimeWarning`` says so. Skipped when ``GHOSTNET_JAX_XLA_FLAGS`` is
-  ``0``/``false``/``off``, when ``XLA_FLAGS`` already names a flag (the
-  user chose), and on jaxlib releases other than the measured one. Returns
-  what it did (also kept in :data:`xla_flags_status`).
+  ``RuntimeWarning`` says so. Skipped unless requested, when ``XLA_FLAGS``
+  already names a flag (the user chose), and on jaxlib releases other than
+  the measured one. Returns what it did (also kept in
+  :data:`xla_flags_status`).
   """
   global xla_flags_status
   current = os.environ.get('XLA_FLAGS', '')
   names = [f.split('=')[0] for f in CPU_XLA_FLAGS]
   try:
-    from jaxlib import version as jaxlib_version  # pylint: disable=g-import-not-at-top
-    tested = jaxlib_version.__version__.startswith(_FLAGS_JAXLIB)
-  except ImportError:
+    tested = importlib.metadata.version('jaxlib').startswith(_FLAGS_JAXLIB)
+  except importlib.metadata.PackageNotFoundError:
     tested = False
-  if os.environ.get(XLA_FLAGS_ENV, '1').strip().lower() in _OFF:
-    status = 'disabled'
+  if os.environ.get(XLA_FLAGS_ENV, '0').strip().lower() in _OFF:
+    status = 'off'
   elif any(n in current for n in names):
     status = 'user'
   elif not tested:
@@ -201,8 +206,7 @@ def xla_flags_at_import() -> str:
           f'XLA:CPU flags ({" ".join(CPU_XLA_FLAGS)}) do not apply (training '
           'steps run up to ~30% slower): import ghostnet_jax before the '
           'first JAX computation, or start Python with XLA_FLAGS='
-          f'"{" ".join(CPU_XLA_FLAGS)}"; set {XLA_FLAGS_ENV}=0 to silence '
-          'this.', RuntimeWarning, stacklevel=3)
+          f'"{" ".join(CPU_XLA_FLAGS)}".', RuntimeWarning, stacklevel=3)
   xla_flags_status = status
   return status
 

@@ -85,8 +85,7 @@ _STATUS = textwrap.dedent('''
 @pytest.mark.parametrize('jax_first,env,want', [
     (False, {}, 'no-warning applied'),
     (True, {}, 'warning True'),
-    (True, {'GHOSTNET_JAX_TUNE_MALLOC': '0', 'GHOSTNET_JAX_XLA_FLAGS': '0'},
-     'no-warning disabled'),
+    (True, {'GHOSTNET_JAX_TUNE_MALLOC': '0'}, 'no-warning disabled'),
     (False, {'MALLOC_ARENA_MAX': '4'}, 'no-warning user'),
 ])
 def test_import_tunes_malloc_or_says_why_not(jax_first, env, want):
@@ -110,17 +109,21 @@ _FLAGS = textwrap.dedent('''
 
 
 @pytest.mark.parametrize('jax_first,env,want', [
-    (False, {}, 'no-warning applied --xla_cpu_use_fusion_emitters=false'),
-    (False, {'XLA_FLAGS': '--xla_cpu_use_fusion_emitters=true'},
+    (False, {}, 'no-warning off'),
+    (False, {'GHOSTNET_JAX_XLA_FLAGS': '1'},
+     'no-warning applied --xla_cpu_use_fusion_emitters=false'),
+    (False, {'GHOSTNET_JAX_XLA_FLAGS': '1',
+             'XLA_FLAGS': '--xla_cpu_use_fusion_emitters=true'},
      'no-warning user --xla_cpu_use_fusion_emitters=true'),
-    (False, {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
+    (False, {'GHOSTNET_JAX_XLA_FLAGS': '1',
+             'XLA_FLAGS': '--xla_force_host_platform_device_count=2'},
      'no-warning applied --xla_force_host_platform_device_count=2 '
      '--xla_cpu_use_fusion_emitters=false'),
-    (False, {'GHOSTNET_JAX_XLA_FLAGS': 'off'}, 'no-warning disabled'),
-    (True, {'GHOSTNET_JAX_TUNE_MALLOC': '0'}, 'warning True'),
+    (True, {'GHOSTNET_JAX_TUNE_MALLOC': '0', 'GHOSTNET_JAX_XLA_FLAGS': '1'},
+     'warning True'),
 ])
 def test_import_sets_xla_flags_or_says_why_not(jax_first, env, want):
-  env = {'XLA_FLAGS': '', **env}
+  env = {'XLA_FLAGS': '', 'GHOSTNET_JAX_XLA_FLAGS': '0', **env}
   assert _run(_FLAGS.format(repo=REPO, jax_first=jax_first), env) == want
 
 
