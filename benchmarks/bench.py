@@ -323,20 +323,11 @@ def torch_model(name: str, mode: str):
   return model
 
 
-def torch_worker(name: str, batch: int, mode: str, layout: str,
-                 image_size: int, reps: int, min_time: float,
-                 threads: int) -> dict:
-  """Times one PyTorch cell; returns its measurements."""
+def torch_step(model, x, labels, mode: str):
+  """``call()`` running one PyTorch cell's work on ``model``: the forward
+  under ``inference_mode`` (``'infer'``), or a training step: forward,
+  cross-entropy, backward, SGD with momentum."""
   import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(threads)
-  fmt = (torch.channels_last if layout == 'channels_last'
-         else torch.contiguous_format)
-  model = torch_model(name, mode).to(memory_format=fmt)
-  gen = torch.Generator().manual_seed(1)
-  x = torch.randn(batch, 3, image_size, image_size, generator=gen).contiguous(
-      memory_format=fmt)
-  labels = torch.randint(0, 1000, (batch,), generator=gen)
-  rss = PeakRss()
   if mode == 'infer':
     model.eval()
 
@@ -353,6 +344,24 @@ def torch_worker(name: str, batch: int, mode: str, layout: str,
       loss.backward()
       opt.step()
 
+  return call
+
+
+def torch_worker(name: str, batch: int, mode: str, layout: str,
+                 image_size: int, reps: int, min_time: float,
+                 threads: int) -> dict:
+  """Times one PyTorch cell; returns its measurements."""
+  import torch  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(threads)
+  fmt = (torch.channels_last if layout == 'channels_last'
+         else torch.contiguous_format)
+  model = torch_model(name, mode).to(memory_format=fmt)
+  gen = torch.Generator().manual_seed(1)
+  x = torch.randn(batch, 3, image_size, image_size, generator=gen).contiguous(
+      memory_format=fmt)
+  labels = torch.randint(0, 1000, (batch,), generator=gen)
+  rss = PeakRss()
+  call = torch_step(model, x, labels, mode)
   rss.start()
   timing = time_calls(call, reps, min_time)
   out = dict(timing, images_per_s=batch / timing['wall_s'],

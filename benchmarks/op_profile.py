@@ -171,21 +171,7 @@ def profile_torch(name: str, mode: str, batch: int, image_size: int,
   x = torch.randn(batch, 3, image_size, image_size).contiguous(
       memory_format=fmt)
   labels = torch.zeros(batch, dtype=torch.long)
-  if mode == 'infer':
-    model.eval()
-
-    def run():
-      with torch.inference_mode():
-        model(x)
-  else:
-    model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def run():
-      opt.zero_grad(set_to_none=True)
-      torch.nn.functional.cross_entropy(model(x), labels).backward()
-      opt.step()
-
+  run = bench.torch_step(model, x, labels, mode)
   run()
   run()
   t, cpu0 = time.perf_counter(), time.process_time()
