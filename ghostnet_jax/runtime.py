@@ -172,6 +172,14 @@ _FLAGS_JAXLIB = '0.10.'  # the jaxlib releases these flags were measured on
 xla_flags_status: str | None = None
 
 
+def _jaxlib_is(prefix: str) -> bool:
+  """True when the installed jaxlib's version starts with ``prefix``."""
+  try:
+    return importlib.metadata.version('jaxlib').startswith(prefix)
+  except importlib.metadata.PackageNotFoundError:
+    return False
+
+
 def xla_flags_at_import() -> str:
   """Adds :data:`CPU_XLA_FLAGS` to ``XLA_FLAGS`` when
   ``GHOSTNET_JAX_XLA_FLAGS=1``.
@@ -186,15 +194,11 @@ def xla_flags_at_import() -> str:
   global xla_flags_status
   current = os.environ.get('XLA_FLAGS', '')
   names = [f.split('=')[0] for f in CPU_XLA_FLAGS]
-  try:
-    tested = importlib.metadata.version('jaxlib').startswith(_FLAGS_JAXLIB)
-  except importlib.metadata.PackageNotFoundError:
-    tested = False
   if os.environ.get(XLA_FLAGS_ENV, '0').strip().lower() in _OFF:
     status = 'off'
   elif any(n in current for n in names):
     status = 'user'
-  elif not tested:
+  elif not _jaxlib_is(_FLAGS_JAXLIB):
     status = 'untested'
   else:
     os.environ['XLA_FLAGS'] = ' '.join([current, *CPU_XLA_FLAGS]).strip()
