@@ -184,6 +184,30 @@ def make_train_step(model, tx):
   return train_step
 
 
+def compiled_train_call(model, variables, x, labels,
+                        compiler_options: dict | None = None):
+  """``(compiled, call, compile_s)``: the training step (SGD with momentum,
+  state donated) compiled for ``x`` / ``labels``, and ``call()`` running one
+  step on its own state and waiting for the loss."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  tx = optax.sgd(0.01, momentum=0.9)
+  params = variables['params']
+  holder = [(params, variables['batch_stats'], tx.init(params),
+             jnp.zeros((), jnp.int32))]
+  fn = jax.jit(make_train_step(model, tx), donate_argnums=0)
+  t = time.perf_counter()
+  compiled = fn.lower(holder[0], x, labels).compile(compiler_options)
+  compile_s = time.perf_counter() - t
+
+  def call():
+    holder[0], loss = compiled(holder[0], x, labels)
+    loss.block_until_ready()
+
+  return compiled, call, compile_s
+
+
 def random_variables(model, image_size: int, seed: int = 0) -> dict:
   """The model's variables filled with numpy random numbers, without running
   its initialisers (speed does not depend on the values); see
@@ -216,7 +240,6 @@ def flax_worker(name: str, batch: int, mode: str, image_size: int, reps: int,
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   import ghostnet_jax  # pylint: disable=g-import-not-at-top
   from ghostnet_jax import inference, ops  # pylint: disable=g-import-not-at-top
 
@@ -250,21 +273,8 @@ def flax_worker(name: str, batch: int, mode: str, image_size: int, reps: int,
     timing = time_calls(lambda: compiled(variables, x).block_until_ready(),
                         reps, min_time)
   else:
-    tx = optax.sgd(0.01, momentum=0.9)
-
-    params = variables['params']
-    state = (params, variables['batch_stats'], tx.init(params),
-             jnp.zeros((), jnp.int32))
-    fn = jax.jit(make_train_step(model, tx), donate_argnums=0)
-    t = time.perf_counter()
-    compiled = fn.lower(state, x, labels).compile(compiler_options)
-    out['compile_s'] = time.perf_counter() - t
-    holder = [state]
-
-    def call():
-      holder[0], loss = compiled(holder[0], x, labels)
-      loss.block_until_ready()
-
+    compiled, call, out['compile_s'] = compiled_train_call(
+        model, variables, x, labels, compiler_options)
     rss.start()
     timing = time_calls(call, reps, min_time)
   out.update(timing)

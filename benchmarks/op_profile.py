@@ -80,10 +80,9 @@ def xla_class(name: str, lines: dict[str, str], bodies: dict[str, str]
 
 def profile_flax(name: str, mode: str, batch: int, image_size: int,
                  calls: int) -> dict:
-  """CPU ms per class per call, wall ms per call, thunks per call."""
+  """Op ms per class per call, wall ms per call, thunks per call."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
   import ghostnet_jax  # pylint: disable=g-import-not-at-top
   from jax.profiler import ProfileData  # pylint: disable=g-import-not-at-top
 
@@ -95,17 +94,8 @@ def profile_flax(name: str, mode: str, batch: int, image_size: int,
     compiled = jax.jit(model.apply).lower(variables, x).compile()
     run = lambda: compiled(variables, x).block_until_ready()
   else:
-    tx = optax.sgd(0.01, momentum=0.9)
-    params = variables['params']
-    holder = [(params, variables['batch_stats'], tx.init(params),
-               jnp.zeros((), jnp.int32))]
-    labels = jnp.zeros((batch,), jnp.int32)
-    compiled = jax.jit(bench.make_train_step(model, tx),
-                       donate_argnums=0).lower(holder[0], x, labels).compile()
-
-    def run():
-      holder[0], loss = compiled(holder[0], x, labels)
-      loss.block_until_ready()
+    compiled, run, _ = bench.compiled_train_call(
+        model, variables, x, jnp.zeros((batch,), jnp.int32))
 
   lines, bodies = _hlo_index(compiled.as_text())
   run()
